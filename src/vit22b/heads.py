@@ -1,0 +1,62 @@
+"""Pooling heads: multihead attention pooling (MAP), as big_vision's MAPHead."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit22b.config import ModelConfig
+from vit22b.layers import attention, gelu, matmul, normalize, param, small_normal, xavier_uniform
+
+
+class MAPHead(nnx.Module):
+    """A learned probe token attends over the tokens, then x + MLP(N(x)); returns [B, D].
+
+    There is no residual around the attention and no QK norm in the head (big_vision, timm).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, hd, M = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        key = rngs.params
+        self.probe = param(xavier_uniform(key(), (1, 1, D), 1, D), None, None, "embed")
+        self.query_kernel = param(xavier_uniform(key(), (D, H, hd), D, D), "embed", "heads", "head_dim")
+        self.kv_kernel = param(xavier_uniform(key(), (D, 2, H, hd), D, D),
+                                "embed", None, "heads", "head_dim")
+        self.out_kernel = param(xavier_uniform(key(), (H, hd, D), D, D), "heads", "head_dim", "embed")
+        if cfg.map_bias:
+            self.query_bias = param(jnp.zeros((H, hd)), "heads", "head_dim")
+            self.kv_bias = param(jnp.zeros((2, H, hd)), None, "heads", "head_dim")
+            self.out_bias = param(jnp.zeros((D,)), "embed")
+        self.norm_scale = param(jnp.ones((D,)), "embed")
+        if cfg.norm_bias:
+            self.norm_bias = param(jnp.zeros((D,)), "embed")
+        self.mlp_in_kernel = param(xavier_uniform(key(), (D, M), D, M), "embed", "mlp")
+        self.mlp_out_kernel = param(xavier_uniform(key(), (M, D), M, D), "mlp", "embed")
+        if cfg.mlp_bias:
+            self.mlp_in_bias = param(small_normal(key(), (M,)), "mlp")
+            self.mlp_out_bias = param(small_normal(key(), (D,)), "embed")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype_mm)
+        probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, cfg.width))
+        q = matmul("btd,dhk->bthk", probe, self.query_kernel[...], dt)  # [B, 1, H, hd]
+        kv = matmul("bnd,dchk->cbnhk", x, self.kv_kernel[...], dt)  # [2, B, N, H, hd]
+        if cfg.map_bias:
+            q = q + self.query_bias[...]
+            kv = kv + self.kv_bias[...][:, None, None]
+        y = attention(q.astype(dt), kv[0].astype(dt), kv[1].astype(dt))
+        y = matmul("bthk,hkd->btd", y, self.out_kernel[...], dt)
+        if cfg.map_bias:
+            y = y + self.out_bias[...]
+        h = normalize(y, self.norm_scale[...], self.norm_bias[...] if cfg.norm_bias else None,
+                      cfg.norm, cfg.norm_eps)
+        h = matmul("btd,dm->btm", h, self.mlp_in_kernel[...], dt)
+        if cfg.mlp_bias:
+            h = h + self.mlp_in_bias[...]
+        h = matmul("btm,md->btd", gelu(h, cfg.gelu_approximate), self.mlp_out_kernel[...], dt)
+        if cfg.mlp_bias:
+            h = h + self.mlp_out_bias[...]
+        return (y + h)[:, 0]

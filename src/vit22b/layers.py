@@ -1,0 +1,78 @@
+"""Stateless building blocks shared by the encoder blocks and the heads.
+
+They are plain functions of arrays so that the scanned encoder (whose parameters are stacked
+over depth) and the unscanned heads use the very same code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax import nnx
+
+from vit22b.config import Norm
+
+
+def matmul(eq: str, x: jax.Array, w: jax.Array, dtype_mm: jnp.dtype) -> jax.Array:
+    """einsum with inputs cast to `dtype_mm` and float32 accumulation and output.
+
+    On CPUs with AMX and on GPUs/TPUs, bf16 inputs with f32 accumulation run several times faster
+    than f32 (see bench/train_step.py), while the accumulation keeps f32 accuracy.
+    """
+    return jnp.einsum(eq, x.astype(dtype_mm), w.astype(dtype_mm),
+                      preferred_element_type=jnp.float32)
+
+
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, kind: Norm,
+              eps: float) -> jax.Array:
+    """RMSNorm (`kind='rms'`, no centring) or LayerNorm over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    if kind == "layer":
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention, q: [B, T, H, d], k/v: [B, S, H, d] -> [B, T, H, d].
+
+    `jax.nn.dot_product_attention` picks fused kernels on GPUs (cuDNN flash attention) and a
+    plain XLA lowering elsewhere; it scales by 1/sqrt(d).
+    """
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def max_attention_logit(q: jax.Array, k: jax.Array) -> jax.Array:
+    """The largest pre-softmax logit, the quantity that explodes without QK norm (paper Fig. 1)."""
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+    return jnp.max(logits) / np.sqrt(q.shape[-1])
+
+
+def param(value: jax.Array, *axes: str | None) -> nnx.Param:
+    """A parameter annotated with one logical axis name per dimension (see sharding rules)."""
+    if value.ndim != len(axes):
+        raise ValueError(f"parameter of shape {value.shape} needs {value.ndim} axis names, got {axes}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+# --- initialisers ------------------------------------------------------------------------------
+
+def xavier_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+    """Glorot-uniform with the fans given explicitly: the fused and stacked kernels have extra
+    axes (layers, heads) that must not count towards the fans."""
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def small_normal(key: jax.Array, shape: tuple[int, ...], std: float = 1e-6) -> jax.Array:
+    """big_vision's MLP bias init."""
+    return std * jax.random.normal(key, shape, jnp.float32)

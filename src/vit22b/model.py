@@ -1,0 +1,144 @@
+"""ViT-22B: patch embedding -> position embedding -> encoder -> final norm -> pooling -> head.
+
+    model = ViT(preset("B/16", num_classes=10), rngs=nnx.Rngs(0))
+    logits, out = model(images)            # images: [B, H, W, C] float32
+    out["pre_logits"], out["encoded"], out["stem"], ...
+
+The forward pass returns the logits and a dict of named intermediates, so probes, few-shot,
+dense heads and distillation read features by name and never edit the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from vit22b.config import ModelConfig
+from vit22b.encoder import Encoder
+from vit22b.heads import MAPHead
+from vit22b.layers import matmul, normalize, param, xavier_uniform
+from vit22b.posemb import sincos2d
+
+Params = dict[str, Any]
+
+
+class ViT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, p, C = cfg.width, cfg.patch_size, cfg.in_channels
+        key = rngs.params
+        # Stored like flax's Conv kernel [p, p, C, D]; applied as a matmul over flattened patches.
+        self.patch_kernel = param(xavier_uniform(key(), (p, p, C, D), p * p * C, D),
+                                  None, None, None, "embed")
+        if cfg.patch_bias:
+            self.patch_bias = param(jnp.zeros((D,)), "embed")
+        if cfg.posemb == "learn":
+            std = D**-0.5  # big_vision
+            self.pos_embedding = param(std * jax.random.normal(key(), (1, cfg.num_patches, D)),
+                                       None, "tokens", "embed")
+        if cfg.head == "token":
+            self.cls_token = param(jnp.zeros((1, 1, D)), None, None, "embed")
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.encoder_norm_scale = param(jnp.ones((D,)), "embed")
+        if cfg.norm_bias:
+            self.encoder_norm_bias = param(jnp.zeros((D,)), "embed")
+        if cfg.head == "map":
+            self.map_head = MAPHead(cfg, rngs=rngs)
+        if cfg.num_classes:
+            # Zero-initialised, as big_vision: a fresh head starts from uniform predictions, which
+            # is also why released checkpoints' heads are all zeros before fine-tuning.
+            self.head_kernel = param(jnp.zeros((D, cfg.num_classes)), "embed", "classes")
+            self.head_bias = param(jnp.full((cfg.num_classes,), cfg.head_bias_init), "classes")
+
+    def posemb(self) -> jax.Array:
+        if self.cfg.posemb == "learn":
+            return self.pos_embedding[...]
+        return sincos2d(self.cfg.grid_size, self.cfg.width)
+
+    def check_input(self, images: jax.Array) -> None:
+        cfg = self.cfg
+        want = (cfg.image_size, cfg.image_size, cfg.in_channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"model expects images of shape [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC), got "
+                f"{tuple(images.shape)}: resize the images, or build the model with "
+                f"image_size={images.shape[1] if images.ndim == 4 else '?'} (learned position "
+                "embeddings are resampled when weights are loaded at another resolution).")
+
+    def __call__(self, images: jax.Array, *, return_layers: tuple[int, ...] = (),
+                 attn_stats: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """images [B, H, W, C] -> (logits, intermediates).
+
+        intermediates: stem [B,N,D] (patch tokens), with_posemb [B,N,D], block_i [B,N,D] for i in
+        `return_layers`, encoded [B,N,D] (after the final norm), pre_logits [B,D] (pooled),
+        logits; with `attn_stats`, attn_logit_max [depth] (the largest attention logit per layer).
+        """
+        cfg = self.cfg
+        self.check_input(images)
+        dt = jnp.dtype(cfg.dtype_mm)
+        p = cfg.patch_size
+        patches = rearrange(images, "b (h p) (w q) c -> b (h w) p q c", p=p, q=p)
+        x = matmul("bnpqc,pqcd->bnd", patches, self.patch_kernel[...], dt)
+        if cfg.patch_bias:
+            x = x + self.patch_bias[...]
+        out: dict[str, jax.Array] = {"stem": x}
+        x = x + self.posemb()
+        if cfg.head == "token":  # posemb is added before the token is prepended (big_vision)
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, cfg.width)),
+                                 x], axis=1)
+        out["with_posemb"] = x
+
+        x, encoder_out = self.encoder(x, return_layers=return_layers, attn_stats=attn_stats)
+        out.update(encoder_out)
+        bias = self.encoder_norm_bias[...] if cfg.norm_bias else None
+        x = normalize(x, self.encoder_norm_scale[...], bias, cfg.norm, cfg.norm_eps)
+        out["encoded"] = x
+
+        if cfg.head == "map":
+            x = self.map_head(x)
+        elif cfg.head == "gap":
+            x = jnp.mean(x, axis=1)
+        elif cfg.head == "token":
+            x = x[:, 0]
+        out["pre_logits"] = x  # "none": per-token features [B, N, D]
+
+        if cfg.num_classes:
+            x = matmul("...d,dc->...c", x, self.head_kernel[...], dt) + self.head_bias[...]
+        out["logits"] = x
+        return x, out
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> ViT:
+    return ViT(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> ViT:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes of any size (22B too), no memory."""
+    return nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def split_params(model: ViT) -> tuple[nnx.GraphDef, Params]:
+    """(graphdef, nested dict of arrays): the pure-pytree form that jit, optax and orbax see."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, state.to_pure_dict()
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, images: jax.Array,
+          **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Functional forward pass on a params pytree (for use inside jit/grad)."""
+    return nnx.merge(graphdef, params)(images, **kwargs)
+
+
+def logical_axes(model: ViT) -> Params:
+    """Nested dict (same structure as the params) of each parameter's logical axis names."""
+    _, state = nnx.split(model, nnx.Param)
+    return jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+
+
+def count_params(params: Params) -> int:
+    return sum(int(jnp.size(a)) if hasattr(a, "size") else 0 for a in jax.tree.leaves(params))

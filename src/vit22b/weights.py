@@ -1,0 +1,134 @@
+"""Model weights as safetensors: flat '/'-joined names, shapes checked, never unpickled.
+
+A *model directory* holds `config.json` (the ModelConfig) and `model.safetensors`; the config is
+also repeated in the file's metadata so a lone .safetensors file is self-describing.
+`vit22b train` writes one at the end of a run, `vit22b import-timm` writes one from timm weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from vit22b.config import ModelConfig
+from vit22b.posemb import ResampleMethod, resample_posemb
+
+Params = dict[str, Any]
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class WeightsError(ValueError):
+    """Weights that don't fit: the message names the first offending tensor and the fix."""
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    tree: Params = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """write(tmp_path) then rename: a crash mid-write never damages an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(directory: str | Path, params: Params, cfg: ModelConfig) -> Path:
+    """Write config.json and model.safetensors (float32) into `directory`."""
+    directory = Path(directory)
+    flat = {k: np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32))
+            for k, v in flatten(params).items()}
+    atomic_write(directory / WEIGHTS_FILE,
+                 lambda tmp: save_file(flat, tmp, metadata={"vit22b_config": cfg.to_json()}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_json()))
+    return directory / WEIGHTS_FILE
+
+
+def weights_path(location: str | Path) -> Path:
+    location = Path(location)
+    path = location / WEIGHTS_FILE if location.is_dir() else location
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no weights at {path}: pass a model directory containing {WEIGHTS_FILE} (written by "
+            "`vit22b train` or `vit22b import-timm`) or a .safetensors file")
+    return path
+
+
+def read_weights(location: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
+    """Flat arrays and the config stored beside or inside them (None if there is none)."""
+    path = weights_path(location)
+    try:
+        flat = load_file(str(path))
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); re-export it") from e
+    cfg_text = meta.get("vit22b_config")
+    if cfg_text is None and (path.parent / CONFIG_FILE).exists():
+        cfg_text = (path.parent / CONFIG_FILE).read_text()
+    return flat, ModelConfig.from_json(cfg_text) if cfg_text else None
+
+
+def fit_weights(flat: dict[str, np.ndarray], expected: Params, *,
+                resample: ResampleMethod = "bv_linear", skip: tuple[str, ...] = ()) -> Params:
+    """Check `flat` against the expected params tree (arrays or ShapeDtypeStructs) and return a
+    params tree. A learned position embedding of another grid is resampled in 2-D; names in
+    `skip` (e.g. the classifier when fine-tuning to new classes) keep the expected values."""
+    want = flatten(expected)
+    missing = [k for k in want if k not in flat and k not in skip]
+    extra = [k for k in flat if k not in want]
+    if missing or extra:
+        first = (missing or extra)[0]
+        raise WeightsError(
+            f"weights do not match the model: tensor {first!r} is "
+            f"{'missing from the file' if missing else 'not in the model'} "
+            f"({len(missing)} missing, {len(extra)} unexpected). The checkpoint was made for "
+            "another config (block, head, biases, norms): build the model from the checkpoint's "
+            "own config.json, or pass the matching flags.")
+    out: dict[str, Any] = {}
+    for name, target in want.items():
+        if name in skip:
+            out[name] = target
+            continue
+        value = np.asarray(flat[name], np.float32)
+        if name == "pos_embedding" and value.shape != tuple(target.shape):
+            value = resample_posemb(value, int(round(np.sqrt(target.shape[1]))), resample)
+        if value.shape != tuple(target.shape):
+            raise WeightsError(
+                f"tensor {name!r} has shape {value.shape} in the file but {tuple(target.shape)} "
+                "in the model: the checkpoint is for another width/depth/heads/patch/classes; "
+                "use its own config (or `skip` the head when changing classes).")
+        out[name] = value
+    return unflatten(out)
+
