@@ -27,8 +27,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vit22b.config import ModelConfig
-from vit22b.layers import (attention, gelu, matmul, max_attention_logit, normalize,
-                           param, small_normal, xavier_uniform)
+from vit22b.layers import (
+    attention,
+    gelu,
+    matmul,
+    max_attention_logit,
+    normalize,
+    param,
+    small_normal,
+    xavier_uniform,
+)
 
 Params = dict[str, jax.Array]
 

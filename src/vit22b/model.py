@@ -52,7 +52,7 @@ class ViT(nnx.Module):
             # Zero-initialised, as big_vision: a fresh head starts from uniform predictions, which
             # is also why released checkpoints' heads are all zeros before fine-tuning.
             self.head_kernel = param(jnp.zeros((D, cfg.num_classes)), "embed", "classes")
-            self.head_bias = param(jnp.full((cfg.num_classes,), cfg.head_bias_init), "classes")
+            self.head_bias = param(jnp.full((cfg.num_classes,), cfg.head_bias_init, jnp.float32), "classes")
 
     def posemb(self) -> jax.Array:
         if self.cfg.posemb == "learn":

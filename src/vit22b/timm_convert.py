@@ -141,7 +141,7 @@ def timm_to_flat(state: Flat, cfg: ModelConfig) -> Flat:
 def flat_to_timm(flat: Flat, cfg: ModelConfig) -> Flat:
     """Our flat params -> timm state dict (numpy, torch layouts); the inverse of timm_to_flat."""
     _check_supported(cfg)
-    D, H, hd, M, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.depth
+    D, _H, hd, M, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.depth
     f = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     out: Flat = {theirs: f[ours] for theirs, ours in _simple_pairs(cfg)}
     out["patch_embed.proj.weight"] = f["patch_kernel"].transpose(3, 2, 0, 1)

@@ -1,0 +1,274 @@
+"""`vit22b` command line: train, info, plot, predict, import-timm, export-timm.
+
+Every ModelConfig field is a flag (`--block sequential`, `--no-qk-norm`, `--norm layer`,
+`--head gap`, `--qkv-bias` ...), so each of the paper's modifications is one flag away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from vit22b.config import ConfigError, ModelConfig, preset
+
+DIGITS_PRESET, DIGITS_IMAGE_SIZE = "nano/4", 16
+FOLDER_PRESET, FOLDER_IMAGE_SIZE = "Ti/16", 224
+# Model fields the data decide; not flags.
+_DATA_FIELDS = {"num_classes", "in_channels", "image_size"}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model switches (defaults: the paper's choices, or the preset's)")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in _DATA_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, dest=f"model_{f.name}", action=argparse.BooleanOptionalAction,
+                           default=None, help=f"default {f.default}")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            g.add_argument(flag, dest=f"model_{f.name}", type=kind, default=None,
+                           help=f"default {f.default}")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k[len("model_"):]: v for k, v in vars(args).items()
+           if k.startswith("model_") and v is not None}
+    if out.get("qk_norm_type") in ("none", "same"):
+        out["qk_norm_type"] = None
+    return out
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train (or resume) a model; no arguments: digits, in minutes")
+    p.add_argument("--data", default="digits", help="'digits' (bundled) or an image folder "
+                   "(one sub-folder per class)")
+    p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--preset", default=None,
+                   help=f"e.g. B/16 (default {DIGITS_PRESET} on digits, {FOLDER_PRESET} on folders)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--workdir", default=None, help="default workdirs/<data name>")
+    p.add_argument("--steps", type=int, default=None, help="default 1500 on digits, 10000 else")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid")
+    p.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default="adafactor")
+    p.add_argument("--lr", type=float, default=None, help="peak (default 1e-3; 3e-3 on digits)")
+    p.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default="rsqrt")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps (default: the paper's 10k/177k of the run)")
+    p.add_argument("--cooldown", type=int, default=None, help="default: the paper's 30k/177k of the run")
+    p.add_argument("--timescale", type=int, default=None, help="rsqrt timescale (default = warmup)")
+    p.add_argument("--wd", type=float, default=0.03, help="decoupled weight decay (x lr)")
+    p.add_argument("--head-wd-mult", type=float, default=100.0)
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vit22b.data import load_dataset
+    from vit22b.optim import OptimConfig
+    from vit22b.train import TrainConfig, train
+
+    digits = args.data == "digits"
+    image_size = args.image_size or (DIGITS_IMAGE_SIZE if digits else FOLDER_IMAGE_SIZE)
+    dataset = load_dataset(args.data, image_size, val_path=args.val_data,
+                           val_fraction=args.val_fraction, seed=args.seed)
+    overrides = _model_overrides(args)
+    if args.loss == "sigmoid":  # start near the label prior: sigma(b) ~ 1/classes
+        overrides.setdefault("head_bias_init", -math.log(max(dataset.num_classes - 1, 1)))
+    model_cfg = preset(args.preset or (DIGITS_PRESET if digits else FOLDER_PRESET),
+                       image_size=image_size, in_channels=dataset.in_channels,
+                       num_classes=dataset.num_classes, **overrides)
+    steps = args.steps or (1500 if digits else 10_000)
+    warmup = args.warmup if args.warmup is not None else round(steps * 10 / 177)
+    optim = OptimConfig(
+        optimizer=args.optimizer, learning_rate=args.lr or (3e-3 if digits else 1e-3),
+        schedule=args.schedule, warmup_steps=warmup,
+        cooldown_steps=args.cooldown if args.cooldown is not None else round(steps * 30 / 177),
+        timescale=args.timescale or max(warmup, 1), weight_decay=args.wd,
+        head_wd_mult=args.head_wd_mult, grad_clip_norm=args.clip)
+    name = "digits" if digits else Path(args.data).name
+    cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
+                      data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
+                      batch_size=args.batch_size, steps=steps, grad_accum=args.grad_accum,
+                      loss=args.loss, augment=not args.no_augment, seed=args.seed,
+                      log_every=args.log_every, eval_every=args.eval_every,
+                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                      progress=not args.no_progress)
+    print(f"training {args.preset or 'default'} ({model_cfg.width}w x {model_cfg.depth}d, "
+          f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
+          f"{dataset.train_size} train / {dataset.val_size} held-out images, "
+          f"{dataset.num_classes} classes -> {cfg.workdir}")
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
+    result = train(cfg, dataset)
+    print(f"held-out accuracy: {100 * result['eval_accuracy']:.2f}% on {result['eval_examples']} "
+          f"images after {result['steps']} steps, {result['seconds']:.0f} s "
+          f"(results: {cfg.workdir}/final.json)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vit22b.flops import flops_per_image
+    from vit22b.model import abstract_model, split_params
+    from vit22b.weights import flatten
+
+    fields: dict[str, Any] = {"num_classes": args.num_classes}
+    if args.image_size:
+        fields["image_size"] = args.image_size
+    cfg = preset(args.preset, **fields, **_model_overrides(args))
+    _, params = split_params(abstract_model(cfg))
+    sizes = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
+    kernels = ("encoder/in_kernel", "encoder/out_kernel", "encoder/qkv_kernel",
+               "encoder/attn_out_kernel", "encoder/mlp_in_kernel", "encoder/mlp_out_kernel")
+    flops = flops_per_image(cfg)
+    info = {"preset": args.preset, "width": cfg.width, "depth": cfg.depth, "mlp_dim": cfg.mlp_dim,
+            "num_heads": cfg.num_heads, "patch_size": cfg.patch_size, "image_size": cfg.image_size,
+            "tokens": cfg.num_patches, "params_total": sum(sizes.values()),
+            "params_block_kernels": sum(v for k, v in sizes.items() if k in kernels),
+            "flops_per_image_forward": flops["forward"], "flops_per_image_train": flops["train"]}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>24}: {v:,}" if isinstance(v, int) else f"{k:>24}: {v}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vit22b.metrics import plot_metrics
+
+    print(plot_metrics(args.workdir, args.out))
+    return 0
+
+
+def cmd_import_timm(args: argparse.Namespace) -> int:
+    from vit22b.api import import_timm
+
+    cfg = import_timm(args.src, args.out, num_heads=args.num_heads, norm=args.norm,
+                      qk_norm_type=args.qk_norm_type, gelu_approximate=args.gelu == "tanh")
+    print(f"wrote {args.out}/model.safetensors ({cfg.width}w x {cfg.depth}d, {cfg.num_classes} classes)")
+    return 0
+
+
+def cmd_export_timm(args: argparse.Namespace) -> int:
+    from vit22b.api import export_timm
+
+    print(f"wrote {export_timm(args.checkpoint, args.dst)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from vit22b.api import load_model
+
+    model = load_model(args.checkpoint)
+    cfg = model.cfg
+    forward = jax.jit(lambda x: model(x)[0])
+    if args.input_npy:
+        x = np.load(args.input_npy, allow_pickle=False).astype(np.float32)
+        logits = np.concatenate([np.asarray(forward(x[i:i + args.batch_size]))
+                                 for i in range(0, len(x), args.batch_size)])
+        np.save(args.output_npy or "logits.npy", logits)
+        print(f"wrote {args.output_npy or 'logits.npy'}: logits {logits.shape}")
+        return 0
+    if not args.images:
+        raise SystemExit("predict: give image files, or --input-npy X.npy")
+    from vit22b.data import load_image
+
+    classes_file = Path(args.checkpoint) / "classes.json"
+    names = json.loads(classes_file.read_text()) if classes_file.exists() else None
+    images = np.stack([load_image(p, cfg.image_size, cfg.in_channels) for p in args.images])
+    logits = np.asarray(forward(images))
+    for path, row in zip(args.images, logits, strict=True):
+        top = np.argsort(-row)[: args.top_k]
+        shown = ", ".join(f"{names[i] if names else i} ({row[i]:.2f})" for i in top)
+        print(f"{path}: {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vit22b", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("info", help="parameter count and FLOPs of a preset")
+    p.add_argument("preset")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="loss/accuracy curves of a work dir, to PNG")
+    p.add_argument("workdir")
+    p.add_argument("--out", default=None, help="default WORKDIR/metrics.png")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("predict", help="run a checkpoint on images or an .npy array")
+    p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
+    p.add_argument("--input-npy", default=None, help="NHWC float32 array")
+    p.add_argument("--output-npy", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("images", nargs="*")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-timm", help="timm .safetensors -> vit22b model dir")
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-heads", type=int, required=True, help="not visible in the shapes")
+    p.add_argument("--norm", choices=["layer", "rms"], default="layer",
+                   help="timm's LayerNorm(bias=False) is 'layer', RmsNorm is 'rms'")
+    p.add_argument("--qk-norm-type", choices=["layer", "rms"], default=None,
+                   help="if q/k norms differ from the others")
+    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+                   help="timm 'gelu' is exact, 'gelu_tanh' is tanh")
+    p.set_defaults(func=cmd_import_timm)
+
+    p = sub.add_parser("export-timm", help="vit22b model dir -> timm .safetensors")
+    p.add_argument("checkpoint")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_export_timm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vit22b.checkpoint import CheckpointError
+    from vit22b.data import DataError
+    from vit22b.train import TrainingError
+    from vit22b.weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, WeightsError, CheckpointError, TrainingError,
+            FileNotFoundError) as e:
+        print(f"vit22b {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

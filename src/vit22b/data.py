@@ -1,0 +1,372 @@
+"""Image data for training and evaluation: scikit-learn's digits, or a folder of class sub-folders.
+
+Both kinds give an `ImageDataset` with a train and a held-out (val) split. `train_batches` is an
+infinite, *random-access* stream: the batch at step s is a pure function of (seed, s), so a run
+resumed at step s sees exactly the batches an uninterrupted run sees from there on. The stream is
+the train split's examples in a fresh permutation per epoch (seeded by (seed, epoch)); batches may
+straddle an epoch boundary. With several processes, step s's global batch is `batch_size *
+process_count` consecutive stream positions and process i gets the i-th slice of it.
+
+Digits live in memory as uint8 and are batched and augmented (random translation) with whole-batch
+numpy ops, a fraction of a millisecond per batch. Folder images are decoded per element through a
+grain `MapDataset` (random access, per-element seeded `random_map`, no worker processes). The
+per-epoch order is a numpy permutation rather than grain's `shuffle`: grain's index shuffle costs
+~25 us per element, 3 ms for a batch of 128, too slow for the digits stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+Batch = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+    """Data that can't be used: the message names the cause and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split: labels plus either in-memory images (digits) or image files (folders)."""
+
+    labels: np.ndarray  # int32 [N]
+    images: np.ndarray | None = None  # uint8 [N, S, S, C], already at image_size
+    paths: tuple[str, ...] = ()  # decoded on demand
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class _EpochOrder:
+    """Train-stream position k -> example index: epoch k // n is a permutation seeded by (seed, epoch).
+
+    Random access (a grain source: `len` is effectively infinite); keeps the last few epochs' orders.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def __getitem__(self, k: int) -> int:
+        return int(self._perm(k // self.n)[k % self.n])
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // self.n):
+            sel = pos // self.n == epoch
+            out[sel] = self._perm(int(epoch))[pos[sel] % self.n]
+        return out
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        if im.mode == "P":  # palette (maybe with transparency): go through RGBA, as PIL advises
+            im = im.convert("RGBA")
+        return im.convert("RGB")  # also fully decodes: raises on truncated/corrupt data
+
+
+def _eval_image(path: str, size: int) -> np.ndarray:
+    """Shorter side -> round(size * 8 / 7), then the central size x size crop (256/224 ratio)."""
+    im = _open_rgb(path)
+    w, h = im.size
+    short = round(size * 8 / 7)
+    nw, nh = (short, max(size, round(h * short / w))) if w <= h else (max(size, round(w * short / h)), short)
+    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_image(path: str | Path, image_size: int, in_channels: int = 3) -> np.ndarray:
+    """One image file as the model sees it at evaluation: float32 [S, S, C] in [-1, 1]."""
+    try:
+        image = _eval_image(str(path), image_size)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {str(path)!r} ({e}): pass a JPEG/PNG file") from e
+    if in_channels == 1:  # ITU-R 601 luma, as PIL's "L" mode
+        image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+    return _normalise(image)
+
+
+def _train_image(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Random-resized crop (area 0.35..1, aspect 3/4..4/3) to size x size, then a random flip."""
+    im = _open_rgb(path)
+    w, h = im.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.35, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (x, y, x + cw, y + ch)
+            break
+    else:  # no sample fitted (extreme aspect ratio): central square crop
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def _thread_map(fn: Callable[[str], np.ndarray], paths: Sequence[str]) -> list[np.ndarray]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(fn, paths))
+
+
+def _pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
+    n = len(labels)
+    mask = np.arange(batch_size) < n
+    if n < batch_size:
+        images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(batch_size - n, labels.dtype)])
+    return {"image": _normalise(images), "label": labels.astype(np.int32), "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """A train and a val split of same-sized images; see the module docstring for the streams."""
+
+    name: str  # "digits" or the folder path
+    class_names: tuple[str, ...]
+    image_size: int
+    in_channels: int  # 1 for digits, 3 for folders (RGB)
+    train: Split
+    val: Split
+    skipped: int  # unreadable files skipped at load time
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val)
+
+    def train_batches(
+        self, batch_size: int, *, seed: int = 0, start_step: int = 0, augment: bool = True,
+        process_index: int = 0, process_count: int = 1,
+    ) -> Iterator[Batch]:
+        """Infinite {"image": f32 [B, S, S, C] in [-1, 1], "label": i32 [B]}; batch s = f(seed, s).
+
+        `batch_size` is per process; process i of n gets slice i of the global batch (B * n).
+        """
+        global_batch = batch_size * process_count
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise DataError(f"process_index={process_index} with process_count={process_count}: "
+                            "need process_count >= 1 and 0 <= process_index < process_count.")
+        if batch_size <= 0 or global_batch > self.train_size:
+            raise DataError(f"batch_size={batch_size} x {process_count} process(es) does not fit the "
+                            f"{self.train_size}-example train split of {self.name!r}: use a batch size "
+                            f"between 1 and {self.train_size // process_count}.")
+        if start_step < 0:
+            raise DataError(f"start_step={start_step} is negative: pass the step to resume from (>= 0).")
+        order = _EpochOrder(self.train_size, seed)
+        if self.train.images is not None:
+            yield from self._memory_batches(order, batch_size, process_count, process_index, seed,
+                                            start_step, augment)
+            return
+        paths, labels, size = self.train.paths, self.train.labels, self.image_size
+
+        def element(i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            image = _train_image(paths[i], size, rng) if augment else _eval_image(paths[i], size)
+            return {"image": _normalise(image), "label": labels[i]}
+
+        # Position k of the stream is decoded with an rng seeded by (seed, k): the same in every
+        # process layout. Global step s = per-process batches s*n .. s*n + n - 1.
+        batches = grain.MapDataset.source(order).random_map(element, seed=seed).batch(
+            batch_size, drop_remainder=True)
+        step = start_step
+        while True:
+            yield batches[step * process_count + process_index]
+            step += 1
+
+    def _memory_batches(
+        self, order: _EpochOrder, batch_size: int, process_count: int, process_index: int,
+        seed: int, step: int, augment: bool,
+    ) -> Iterator[Batch]:
+        """In-memory images, augmented by a random translation (pad with background 0, crop back)."""
+        images, labels, size = self.train.images, self.train.labels, self.image_size
+        assert images is not None
+        pad = max(1, size // 8)
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        global_batch = batch_size * process_count
+        mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        rows = np.arange(batch_size)[:, None, None]
+        grid = np.arange(size)
+        while True:
+            idx = order.take(step * global_batch + process_index * batch_size, batch_size)
+            if augment:  # offsets drawn for the whole global batch, so shares match any layout
+                off = np.random.default_rng([seed, 1, step]).integers(0, 2 * pad + 1, (global_batch, 2))
+                ys, xs = off[mine, 0:1] + grid, off[mine, 1:2] + grid  # [B, S] each
+                batch = padded[idx][rows, ys[:, :, None], xs[:, None, :]]
+            else:
+                batch = images[idx]
+            yield {"image": _normalise(batch), "label": labels[idx]}
+            step += 1
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """One in-order pass over val; the last batch is padded, "mask" marks the real examples."""
+        if batch_size <= 0:
+            raise DataError(f"eval batch_size={batch_size}: use a positive batch size.")
+        for start in range(0, self.val_size, batch_size):
+            labels = self.val.labels[start:start + batch_size]
+            if self.val.images is not None:
+                images = self.val.images[start:start + batch_size]
+            else:
+                paths = self.val.paths[start:start + batch_size]
+                images = np.stack(_thread_map(lambda p: _eval_image(p, self.image_size), paths))
+            yield _pad_batch(images, labels, batch_size)
+
+
+def _digits_to_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """[N, 8, 8] values 0..16 -> uint8 [N, size, size, 1], bilinear upsampling."""
+    u8 = np.round(images * (255 / 16)).astype(np.uint8)
+    if size != u8.shape[1]:
+        u8 = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR))
+                       for im in u8])
+    return u8[..., None]
+
+
+def load_digits_dataset(image_size: int = 16) -> ImageDataset:
+    """scikit-learn's digits; val is exactly train_test_split(test_size=0.2, stratify=y, random_state=0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if image_size <= 0:
+        raise DataError(f"image_size={image_size}: use a positive image size (e.g. 16).")
+    digits = load_digits()
+    x_tr, x_val, y_tr, y_val = train_test_split(
+        digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    return ImageDataset(
+        name="digits", class_names=tuple(str(c) for c in range(10)), image_size=image_size,
+        in_channels=1, skipped=0,
+        train=Split(y_tr.astype(np.int32), images=_digits_to_uint8(x_tr, image_size)),
+        val=Split(y_val.astype(np.int32), images=_digits_to_uint8(x_val, image_size)))
+
+
+def _readable(path: str) -> bool:
+    try:
+        _open_rgb(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def _scan_folder(root: Path, what: str) -> tuple[tuple[str, ...], list[str], np.ndarray, int]:
+    """Class names, readable image paths, their labels, and the number of unreadable files skipped."""
+    if not root.exists():
+        raise DataError(f"{what} {str(root)!r} does not exist: pass an existing folder with one "
+                        "sub-folder per class, or 'digits' for the bundled toy dataset.")
+    if not root.is_dir():
+        raise DataError(f"{what} {str(root)!r} is a file, not a folder: pass the folder that holds "
+                        "one sub-folder per class (<folder>/<class>/<image>).")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{what} {str(root)!r} has no class sub-folders: put each class's images in "
+                        "their own sub-folder, <folder>/<class>/<image>.")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = sorted(str(p) for p in (root / name).iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataError(f"class folder {str(root / name)!r} holds no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder.")
+        files += found
+        labels += [label] * len(found)
+    ok = np.array(_thread_map(_readable, files), dtype=bool)
+    bad = [f for f, good in zip(files, ok, strict=True) if not good]
+    if not ok.any():
+        raise DataError(f"none of the {len(files)} image files under {str(root)!r} could be decoded "
+                        f"(all {len(bad)} skipped as corrupt or truncated, e.g. {bad[:3]}): "
+                        "check the files, e.g. open them with PIL.")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {str(root)!r}, e.g. {bad[:3]}",
+                      stacklevel=3)
+    label_arr = np.asarray(labels, dtype=np.int32)[ok]
+    for label, name in enumerate(classes):
+        if not (label_arr == label).any():
+            raise DataError(f"class {name!r} in {str(root)!r} has no readable image: replace its "
+                            "corrupt files or remove the folder.")
+    return tuple(classes), [f for f, good in zip(files, ok, strict=True) if good], label_arr, len(bad)
+
+
+def _stratified_split(labels: np.ndarray, classes: Sequence[str], val_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), each in the original order; round(fraction * n_c) of class c to val."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for label, name in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        n_val = round(val_fraction * len(members))
+        if n_val >= len(members):
+            raise DataError(f"class {name!r} has {len(members)} image(s), all of them held out by "
+                            f"val_fraction={val_fraction}: add images, lower val_fraction or pass "
+                            "a separate val folder.")
+        val.append(rng.permutation(members)[:n_val])
+    val_idx = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
+
+
+def load_image_folder(path: str | Path, image_size: int, *, val_path: str | Path | None = None,
+                      val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """A folder with one sub-folder per class; every file is decoded once here, corrupt ones skipped."""
+    if image_size <= 0:
+        raise DataError(f"image_size={image_size}: use a positive image size (e.g. 224).")
+    classes, files, labels, skipped = _scan_folder(Path(path), "dataset folder")
+    if val_path is None:
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction} is not in (0, 1): use e.g. 0.2, or pass a "
+                            "separate val folder.")
+        tr, va = _stratified_split(labels, classes, val_fraction, seed)
+        train = Split(labels[tr], paths=tuple(files[i] for i in tr))
+        val = Split(labels[va], paths=tuple(files[i] for i in va))
+    else:
+        val_classes, val_files, val_labels, val_skipped = _scan_folder(Path(val_path), "val folder")
+        if val_classes != classes:
+            raise DataError(f"val folder {str(val_path)!r} has classes {list(val_classes)} but the train "
+                            f"folder {str(path)!r} has {list(classes)}: give both the same class "
+                            "sub-folders.")
+        train, val = Split(labels, paths=tuple(files)), Split(val_labels, paths=tuple(val_files))
+        skipped += val_skipped
+    return ImageDataset(name=str(path), class_names=classes, image_size=image_size, in_channels=3,
+                        train=train, val=val, skipped=skipped)
+
+
+def load_dataset(source: str, image_size: int, *, val_path: str | Path | None = None,
+                 val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """The bundled digits for source "digits" (its split is fixed), else an image folder."""
+    if source == "digits":
+        if val_path is not None:
+            raise DataError("the digits dataset has a fixed val split: drop the val folder, or train "
+                            "on an image folder instead.")
+        return load_digits_dataset(image_size)
+    return load_image_folder(source, image_size, val_path=val_path, val_fraction=val_fraction, seed=seed)

@@ -1,0 +1,275 @@
+"""The training loop: jitted step, evaluation, checkpoints, metrics, resume.
+
+    cfg = TrainConfig(model=preset("nano/4", image_size=16, in_channels=1, num_classes=10),
+                      optim=OptimConfig(...), workdir="runs/x")
+    result = train(cfg)          # {'eval_accuracy': ..., 'steps': ..., 'seconds': ...}
+
+The batch at step s depends only on (seed, s) (see data.py) and the step is deterministic, so a
+run killed at any point and restarted in the same work dir ends with the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from vit22b.checkpoint import Checkpointer, abstract_like
+from vit22b.config import ModelConfig
+from vit22b.data import ImageDataset, load_dataset
+from vit22b.metrics import MetricsWriter
+from vit22b.model import apply, init_model, split_params
+from vit22b.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from vit22b.weights import CONFIG_FILE, save_model
+
+Loss = Literal["sigmoid", "softmax"]
+State = dict[str, Any]
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    workdir: str = "workdirs/digits"
+    data: str = "digits"
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    batch_size: int = 128  # global batch
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    loss: Loss = "sigmoid"  # JFT-style multi-label sigmoid cross-entropy, as the paper
+    augment: bool = True
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch size {self.batch_size} must be positive and divisible by "
+                             f"grad_accum {self.grad_accum}")
+        if self.loss not in Loss.__args__:
+            raise ValueError(f"loss {self.loss!r}: choose one of {Loss.__args__}")
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss) -> jax.Array:
+    onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    if kind == "softmax":
+        return optax.softmax_cross_entropy(logits, onehot).mean()
+    # big_vision's sigmoid_xent: sum over classes, mean over the batch.
+    return optax.sigmoid_binary_cross_entropy(logits, onehot).sum(-1).mean()
+
+
+def init_state(cfg: TrainConfig) -> tuple[Any, optax.GradientTransformation, State]:
+    model = init_model(cfg.model, seed=cfg.seed)
+    graphdef, params = split_params(model)
+    tx = make_optimizer(cfg.optim, params, cfg.steps)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return graphdef, tx, state
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig) -> Any:
+    def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
+        logits, _ = apply(graphdef, params, images)
+        return classification_loss(logits, labels, cfg.loss)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        if cfg.grad_accum == 1:
+            loss, grads = grad_fn(params, batch["image"], batch["label"])
+        else:  # sum gradients of micro-batches in a scan: activation memory of one micro-batch
+            micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+                loss, grads = grad_fn(params, mb["image"], mb["label"])
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite step leaves the state untouched; the host stops the run on seeing `finite`
+        # false, so no checkpoint ever holds NaNs.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "param_norm": optax.global_norm(new_params)}
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_predict(graphdef: Any) -> Any:
+    return jax.jit(lambda params, images: apply(graphdef, params, images)[0])
+
+
+def evaluate(predict: Any, params: Any, dataset: ImageDataset, batch_size: int) -> float:
+    correct = total = 0
+    for batch in dataset.eval_batches(batch_size):
+        logits = np.asarray(predict(params, batch["image"]))
+        mask = batch["mask"]
+        correct += int(((logits.argmax(-1) == batch["label"]) & mask).sum())
+        total += int(mask.sum())
+    return correct / max(total, 1)
+
+
+def _check_workdir(cfg: TrainConfig, workdir: Path) -> None:
+    """A work dir belongs to one model config: resuming with another would be silent nonsense."""
+    path = workdir / CONFIG_FILE
+    if path.exists():
+        old = ModelConfig.from_json(path.read_text())
+        if old != cfg.model:
+            diff = {k: (getattr(old, k), getattr(cfg.model, k))
+                    for k in dataclasses.asdict(old) if getattr(old, k) != getattr(cfg.model, k)}
+            raise TrainingError(
+                f"work dir {workdir} holds a run of another model config (was -> now: {diff}); "
+                "use a new --workdir, or the original flags to resume it.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.model.to_json())
+    (workdir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+class _StopRequestedError(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+    """Train (or resume) in cfg.workdir; returns and writes `final.json`."""
+    t_start = time.time()
+    workdir = Path(cfg.workdir)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.model.image_size, val_path=cfg.val_data,
+                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+    m = cfg.model
+    if (m.num_classes, m.in_channels, m.image_size) != (dataset.num_classes, dataset.in_channels,
+                                                         dataset.image_size):
+        raise TrainingError(
+            f"model (classes {m.num_classes}, channels {m.in_channels}, size {m.image_size}) does "
+            f"not fit the data (classes {dataset.num_classes}, channels {dataset.in_channels}, size "
+            f"{dataset.image_size}): build the model config from the data set")
+    _check_workdir(cfg, workdir)
+
+    graphdef, tx, state = init_state(cfg)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, abstract_like(state))
+        print(f"resumed from {workdir}/checkpoints/{start}")
+    start = int(state["step"])
+    train_step = make_train_step(graphdef, tx, cfg)
+    predict = make_predict(graphdef)
+    schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+    writer = MetricsWriter(workdir)
+
+    stop: dict[str, Any] = {}
+
+    def on_signal(signum: int, _: Any) -> None:  # SIGTERM (preemption): checkpoint, then stop
+        stop["signal"] = signum
+
+    previous_handler = signal.signal(signal.SIGTERM, on_signal)
+    batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed, start_step=start,
+                                    augment=cfg.augment)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+               dynamic_ncols=True)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    window_start, window_steps = time.time(), 0
+    step = start
+
+    def flush_metrics() -> None:
+        """Fetch the queued per-step metrics (one host sync), stop on a non-finite step."""
+        nonlocal window_start, window_steps
+        if not pending:
+            return
+        fetched = jax.device_get([mt for _, mt in pending])
+        for (s, _), mt in zip(pending, fetched, strict=True):
+            if not mt["finite"]:
+                raise TrainingError(
+                    f"non-finite loss/gradient at step {s + 1} (loss {mt['loss']}): the update was "
+                    f"skipped and training stopped; the last good checkpoint is step "
+                    f"{checkpointer.latest_step()}. Lower --lr, raise --warmup, or check the data.")
+        elapsed = time.time() - window_start
+        img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+        last_step, last = pending[-1][0] + 1, fetched[-1]
+        writer.write(last_step, **{"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                                   "train/param_norm": last["param_norm"],
+                                   "train/lr": float(schedule(last_step - 1)),
+                                   "train/images_per_second": img_s})
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}")
+        pending.clear()
+        window_start, window_steps = time.time(), 0
+
+    try:
+        while step < cfg.steps:
+            batch = next(batches)
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step == start + 1:  # keep compilation out of the img/s figure
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.time(), 0
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                flush_metrics()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                flush_metrics()
+                writer.write(step, **{"eval/accuracy": evaluate(predict, state["params"], dataset,
+                                                                 cfg.batch_size)})
+                window_start = time.time()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                flush_metrics()
+                checkpointer.save(step, state)
+            if stop:
+                raise _StopRequestedError
+    except (KeyboardInterrupt, _StopRequestedError):
+        bar.close()
+        pending.clear()  # the state is consistent: the last step completed before we got here
+        checkpointer.save(step, state)
+        checkpointer.close()
+        writer.close()
+        print(f"\ninterrupted at step {step}: checkpoint saved in {workdir}/checkpoints; run the "
+              "same command again to resume")
+        raise
+    except TrainingError:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
+    checkpointer.close()
+
+    accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
+    writer.write(step, **{"eval/accuracy": accuracy})
+    writer.close()
+    save_model(workdir, state["params"], cfg.model)
+    result = {"eval_accuracy": accuracy, "steps": step, "seconds": time.time() - t_start,
+              "resumed_from": start or None, "eval_examples": dataset.val_size,
+              "train_examples": dataset.train_size, "data": dataset.name,
+              "batch_size": cfg.batch_size}
+    (workdir / "final.json").write_text(json.dumps(result, indent=2))
+    return result
