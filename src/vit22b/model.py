@@ -124,7 +124,7 @@ def abstract_model(cfg: ModelConfig) -> ViT:
 def split_params(model: ViT) -> tuple[nnx.GraphDef, Params]:
     """(graphdef, nested dict of arrays): the pure-pytree form that jit, optax and orbax see."""
     graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, images: jax.Array,

@@ -18,6 +18,8 @@ ResampleMethod = Literal["bv_linear", "linear", "cubic"]
 
 def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:
     """MoCo-v3 style fixed embedding, [1, grid*grid, width]; width must divide by 4."""
+    if width % 4:
+        raise ValueError(f"sincos2d needs a width divisible by 4 (sin/cos of x and y), got {width}")
     y, x = jnp.mgrid[:grid, :grid]
     omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1 or 1))
     y = jnp.einsum("n,d->nd", y.ravel(), omega)

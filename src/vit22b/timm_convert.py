@@ -39,6 +39,10 @@ def config_from_timm(state: Flat, *, num_heads: int, norm: str = "layer",
                 f"timm weights lack {key!r}: only timm's parallel-block ViT with "
                 "fuse_out_proj=True, no class token and global_pool='map' can be imported")
     D, C, p, _ = state["patch_embed.proj.weight"].shape
+    if "blocks.0.q_norm.weight" in state and state["blocks.0.q_norm.weight"].shape[0] * num_heads != D:
+        head_dim = state["blocks.0.q_norm.weight"].shape[0]
+        raise ConfigError(f"num_heads={num_heads} contradicts the weights: q_norm has head_dim "
+                          f"{head_dim} and the width is {D}, so num_heads must be {D // head_dim}")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     mlp_dim = state["blocks.0.in_proj.weight"].shape[0] - 3 * D
     grid = int(round(np.sqrt(state["pos_embed"].shape[1])))
@@ -93,7 +97,7 @@ def timm_to_flat(state: Flat, cfg: ModelConfig) -> Flat:
     _check_supported(cfg)
     D, H, hd, M, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.depth
     Mh = cfg.mlp_per_head
-    f = {k: np.asarray(v, np.float32) for k, v in state.items()}
+    f = _TrackedState(state)
     out: Flat = {ours: f[theirs] for theirs, ours in _simple_pairs(cfg)}
     out["patch_kernel"] = f["patch_embed.proj.weight"].transpose(2, 3, 1, 0)  # [D,C,p,p]->[p,p,C,D]
 
@@ -135,7 +139,26 @@ def timm_to_flat(state: Flat, cfg: ModelConfig) -> Flat:
     out["map_head/mlp_out_kernel"] = f["attn_pool.mlp.fc2.weight"].T
     if cfg.num_classes:
         out["head_kernel"] = f["head.weight"].T
+    unused = sorted(set(state) - f.used)
+    if unused:
+        raise ConfigError(f"timm tensor {unused[0]!r} has no counterpart in this config ({len(unused)} "
+                          "unused, e.g. a class token, biases or norms the flags switched off): "
+                          "converting would silently change the function; pass matching flags")
     return out
+
+
+class _TrackedState:
+    """The timm state dict as float32, remembering which keys the conversion read."""
+
+    def __init__(self, state: Flat):
+        self.state, self.used = state, set()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.state:
+            raise ConfigError(f"timm weights lack {key!r}, which this config needs: the file is "
+                              "for another architecture or was cut short")
+        self.used.add(key)
+        return np.asarray(self.state[key], np.float32)
 
 
 def flat_to_timm(flat: Flat, cfg: ModelConfig) -> Flat:

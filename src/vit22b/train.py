@@ -109,14 +109,14 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainC
             loss, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (loss, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # A non-finite step leaves the state untouched; the host stops the run on seeing `finite`
         # false, so no checkpoint ever holds NaNs.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                   "param_norm": optax.global_norm(new_params)}
+                   "param_norm": optax.tree.norm(new_params)}
         return new, metrics
 
     return jax.jit(step, donate_argnums=(0,))

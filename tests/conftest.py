@@ -1,0 +1,75 @@
+"""Shared fixtures. XLA_FLAGS must be set before jax is first imported: sharding tests need 8
+simulated CPU devices."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vit22b.config import ModelConfig, preset  # noqa: E402
+from vit22b.model import abstract_model, apply, split_params  # noqa: E402
+from vit22b.weights import flatten, unflatten  # noqa: E402
+
+
+def make_random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Params of the right shapes filled with numpy random values (much faster than the real
+    initialiser, whose per-shape RNG kernels take seconds to compile on CPU). Everything is
+    nonzero so that a misplaced scale, bias or transpose shows in the outputs: norm scales are
+    1 + noise, biases small noise, kernels ~ N(0, 1/width) and the classifier is nonzero."""
+    rng = np.random.default_rng(seed)
+    _, abstract = split_params(abstract_model(cfg))
+    flat = {}
+    for name, leaf in flatten(abstract).items():
+        shape = tuple(leaf.shape)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if name.endswith("_scale"):
+            value = 1.0 + 0.2 * noise
+        elif name.endswith("bias"):
+            value = 0.2 * noise
+        elif name in ("pos_embedding", "map_head/probe", "cls_token"):
+            value = 0.5 * noise
+        else:
+            value = noise / np.sqrt(cfg.width)
+        flat[name] = jnp.asarray(value, jnp.float32)
+    return unflatten(flat)
+
+
+def make_forward(cfg: ModelConfig, **kwargs: Any) -> Callable[..., Any]:
+    """jit-compiled (params, images) -> (logits, intermediates) for `cfg`."""
+    graphdef, _ = split_params(abstract_model(cfg))
+    return jax.jit(lambda params, images: apply(graphdef, params, images, **kwargs))
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """width 32, 2 heads, mlp 128, depth 1, 4x4 grid of 4px patches, float32 matmuls."""
+    return preset("mu/4", image_size=16, num_classes=10, dtype_mm="float32")
+
+
+@pytest.fixture
+def tiny2_cfg(tiny_cfg: ModelConfig) -> ModelConfig:
+    """The tiny config with two blocks (so stacking, scan and per-layer outputs are exercised)."""
+    return tiny_cfg.replace(depth=2)
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    """A batch of 2 random 16x16 RGB images, NHWC."""
+    return np.random.default_rng(1).standard_normal((2, 16, 16, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def random_params() -> Callable[..., dict[str, Any]]:
+    return make_random_params
+
+
+@pytest.fixture(scope="session")
+def forward() -> Callable[..., Callable[..., Any]]:
+    return make_forward

@@ -1,0 +1,142 @@
+"""The training loop: determinism, resume after SIGKILL, non-finite stop, gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from vit22b import train as train_mod
+from vit22b.config import preset
+from vit22b.data import load_digits_dataset
+from vit22b.optim import OptimConfig
+from vit22b.train import TrainConfig, TrainingError, init_state, make_train_step, train
+
+TINY = dict(image_size=8, in_channels=1, num_classes=10)
+
+
+def tiny_config(workdir: Path, steps: int = 6, **kw) -> TrainConfig:
+    fields = dict(model=preset("mu/4", **TINY), optim=OptimConfig(warmup_steps=2, cooldown_steps=2),
+                  workdir=str(workdir), steps=steps, batch_size=32, checkpoint_every=3,
+                  log_every=2, progress=False)
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_digits_dataset(8)
+
+
+def test_train_writes_results_and_learns(tmp_path, digits8):
+    cfg = tiny_config(tmp_path, steps=30, loss="softmax",
+                      optim=OptimConfig(learning_rate=3e-3, warmup_steps=3, cooldown_steps=5))
+    result = train(cfg, digits8)
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["steps"] == 30 and final["eval_examples"] == 360
+    assert final["eval_accuracy"] == result["eval_accuracy"] > 0.2  # chance is 0.1
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text()
+              .splitlines() if "train/loss" in line]
+    assert losses[-1] < losses[0]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [24, 27, 30]
+    assert (tmp_path / "model.safetensors").exists()
+    assert list((tmp_path / "tb").iterdir())
+
+
+def test_step_compiles_once(tmp_path):
+    cfg = tiny_config(tmp_path)
+    graphdef, tx, state = init_state(cfg)
+    step = make_train_step(graphdef, tx, cfg)
+    batch = {"image": np.zeros((32, 8, 8, 1), np.float32), "label": np.zeros(32, np.int32)}
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert step._cache_size() == 1  # a second trace would mean the state changed type
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    batch = {"image": np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype(np.float32),
+             "label": np.arange(32, dtype=np.int32) % 10}
+    outs = []
+    for accum in (1, 4):
+        cfg = tiny_config(tmp_path, grad_accum=accum, model=preset("mu/4", dtype_mm="float32", **TINY))
+        graphdef, tx, state = init_state(cfg)
+        state, metrics = make_train_step(graphdef, tx, cfg)(state, batch)
+        outs.append((metrics["loss"], state["params"]))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, digits8, monkeypatch):
+    train(tiny_config(tmp_path, steps=3), digits8)
+    ckpt = tmp_path / "checkpoints" / "3"
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    weights_before = load_file(tmp_path / "model.safetensors")
+
+    real_loss = train_mod.classification_loss
+    monkeypatch.setattr(train_mod, "classification_loss",
+                        lambda logits, labels, kind: real_loss(logits, labels, kind) * jnp.nan)
+    with pytest.raises(TrainingError, match="non-finite.*last good checkpoint is step 3"):
+        train(tiny_config(tmp_path, steps=9), digits8)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+    weights_after = load_file(tmp_path / "model.safetensors")
+    assert all(np.array_equal(weights_before[k], weights_after[k]) for k in weights_before)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, digits8):
+    train(tiny_config(tmp_path, steps=3), digits8)
+    other = tiny_config(tmp_path, steps=3, model=preset("mu/4", block="sequential", **TINY))
+    with pytest.raises(TrainingError, match="another model config"):
+        train(other, digits8)
+
+
+def test_model_must_fit_data(tmp_path, digits8):
+    with pytest.raises(TrainingError, match="does not fit the data"):
+        train(tiny_config(tmp_path, model=preset("mu/4", image_size=8, in_channels=3,
+                                                  num_classes=10)), digits8)
+
+
+def _cli(workdir: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size", "8",
+            "--steps", str(steps), "--batch-size", "32", "--checkpoint-every", "4", "--warmup", "3",
+            "--cooldown", "8", "--log-every", "4", "--no-progress", "--workdir", str(workdir)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    steps = 60
+    env = {**os.environ, "XLA_FLAGS": ""}
+    subprocess.run(_cli(tmp_path / "straight", steps), check=True, env=env, capture_output=True)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(_cli(crashed, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint past step 8 is complete
+        ckpts = crashed / "checkpoints"
+        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+        if done and max(done) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "final.json").exists(), "the run finished before it could be killed"
+
+    out = subprocess.run(_cli(crashed, steps), check=True, env=env, capture_output=True, text=True)
+    assert "resumed from" in out.stdout
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(crashed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
