@@ -20,6 +20,7 @@ from vit22b import train as train_mod
 from vit22b.config import preset
 from vit22b.data import load_digits_dataset
 from vit22b.optim import OptimConfig
+from vit22b.sharding import make_mesh
 from vit22b.train import TrainConfig, TrainingError, init_state, make_train_step, train
 
 TINY = dict(image_size=8, in_channels=1, num_classes=10)
@@ -55,12 +56,13 @@ def test_train_writes_results_and_learns(tmp_path, digits8):
 
 def test_step_compiles_once(tmp_path):
     cfg = tiny_config(tmp_path)
-    graphdef, tx, state = init_state(cfg)
-    step = make_train_step(graphdef, tx, cfg)
+    mesh = make_mesh(cfg.mesh)
+    graphdef, tx, state, shardings = init_state(cfg, mesh)
+    step = make_train_step(graphdef, tx, cfg, shardings, mesh)
     batch = {"image": np.zeros((32, 8, 8, 1), np.float32), "label": np.zeros(32, np.int32)}
     for _ in range(3):
         state, _ = step(state, batch)
-    assert step._cache_size() == 1  # a second trace would mean the state changed type
+    assert step.jitted._cache_size() == 1  # a second trace would mean the state changed type
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
@@ -69,8 +71,9 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     outs = []
     for accum in (1, 4):
         cfg = tiny_config(tmp_path, grad_accum=accum, model=preset("mu/4", dtype_mm="float32", **TINY))
-        graphdef, tx, state = init_state(cfg)
-        state, metrics = make_train_step(graphdef, tx, cfg)(state, batch)
+        mesh = make_mesh(cfg.mesh)
+        graphdef, tx, state, shardings = init_state(cfg, mesh)
+        state, metrics = make_train_step(graphdef, tx, cfg, shardings, mesh)(state, batch)
         outs.append((metrics["loss"], state["params"]))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1]), strict=True):

@@ -76,15 +76,40 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("scale-out (see README: multi-host)")
+    g.add_argument("--mesh", default="-1x1", help="DATAxMODEL device mesh over all processes' "
+                   "devices, -1 fills (e.g. 4x2, -1x8)")
+    g.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with "
+                   "auto-detection (SLURM, TPU pods, Open MPI)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
     _add_model_flags(p)
     p.set_defaults(func=cmd_train)
 
 
+def init_distributed(args: argparse.Namespace) -> None:
+    """JAX's own multi-process runtime; nothing happens for a single process."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ConfigError("--coordinator, --num-processes and --process-id go together")
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
     from vit22b.data import load_dataset
     from vit22b.optim import OptimConfig
     from vit22b.train import TrainConfig, train
 
+    init_distributed(args)
     digits = args.data == "digits"
     image_size = args.image_size or (DIGITS_IMAGE_SIZE if digits else FOLDER_IMAGE_SIZE)
     dataset = load_dataset(args.data, image_size, val_path=args.val_data,
@@ -106,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = "digits" if digits else Path(args.data).name
     cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
                       data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
-                      batch_size=args.batch_size, steps=steps, grad_accum=args.grad_accum,
+                      batch_size=args.batch_size, mesh=args.mesh, steps=steps, grad_accum=args.grad_accum,
                       loss=args.loss, augment=not args.no_augment, seed=args.seed,
                       log_every=args.log_every, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
@@ -115,8 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
           f"{dataset.num_classes} classes -> {cfg.workdir}")
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
+    if jax.process_index() == 0:
+        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
     result = train(cfg, dataset)
     print(f"held-out accuracy: {100 * result['eval_accuracy']:.2f}% on {result['eval_examples']} "
           f"images after {result['steps']} steps, {result['seconds']:.0f} s "

@@ -74,6 +74,9 @@ class ModelConfig:
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+    # The paper's asynchronous parallel linear (parallel_linear.py) for the fused projections
+    # when the mesh has a model axis; False: XLA's own all-gather / reduce-scatter.
+    collective_matmul: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -37,6 +37,8 @@ from vit22b.layers import (
     small_normal,
     xavier_uniform,
 )
+from vit22b.parallel_linear import fused_in_projection, fused_out_projection
+from vit22b.sharding import constrain
 
 Params = dict[str, jax.Array]
 
@@ -101,7 +103,10 @@ class Encoder(nnx.Module):
         block = parallel_block if cfg.block == "parallel" else sequential_block
 
         def body(x: jax.Array, p: Params) -> tuple[jax.Array, dict[str, jax.Array]]:
+            # Between blocks each model device holds 1/k of the features (the paper's layout).
+            x = constrain(x, ("batch", None, "act_embed"))
             x, stat = block(p, x, cfg, attn_stats)
+            x = constrain(x, ("batch", None, "act_embed"))
             ys: dict[str, jax.Array] = {}
             if return_layers:
                 ys["x"] = x
@@ -132,6 +137,11 @@ class Encoder(nnx.Module):
         return x, out
 
 
+def _model_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 0 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
+
+
 def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig,
             attn_stats: bool) -> tuple[jax.Array, jax.Array | None]:
     """QK norm (per head, over head_dim, one scale shared by the heads) then attention."""
@@ -152,14 +162,22 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
     """y = x + MLP(N(x)) + Attn(N(x)) with one fused in- and one fused out-projection."""
     dt, hd = jnp.dtype(cfg.dtype_mm), cfg.head_dim
     h = normalize(x, p["norm_scale"], p.get("norm_bias"), cfg.norm, cfg.norm_eps)
-    fused = matmul("bnd,dhf->bnhf", h, p["in_kernel"], dt)  # [B, N, H, 3hd + M/H]
+    collective = cfg.collective_matmul and _model_axis_size() > 1
+    if collective:  # ring all-gather of h overlapped with the matmul chunks (paper Fig. 3)
+        fused = fused_in_projection(h, p["in_kernel"], None, dt)
+    else:
+        fused = matmul("bnd,dhf->bnhf", h, p["in_kernel"], dt)  # [B, N, H, 3hd + M/H]
+    fused = constrain(fused, ("batch", None, "act_heads", None))  # each model device: its heads
     q, k, v, m = jnp.split(fused, [hd, 2 * hd, 3 * hd], axis=-1)
     attn, stat = _attend(p, q, k, v, cfg, attn_stats)  # [B, N, H, hd]
     if cfg.mlp_bias:
         m = m + p["mlp_in_bias"]
     m = gelu(m, cfg.gelu_approximate)  # [B, N, H, M/H]
     z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, H, hd + M/H]
-    y = matmul("bnhf,hfd->bnd", z, p["out_kernel"], dt)
+    if collective:  # partial sums travel the ring while the next block is computed
+        y = fused_out_projection(z, p["out_kernel"], None, dt)
+    else:
+        y = matmul("bnhf,hfd->bnd", z, p["out_kernel"], dt)
     if "out_bias" in p:
         y = y + p["out_bias"]
     return x + y, stat

@@ -15,16 +15,21 @@ class MetricsWriter:
     the last record per (step, key) (see `read_metrics`).
     """
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled  # False on all but the lead process of a multi-process run
+        self._tb = None
+        if not enabled:
+            return
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
             self._tb = SummaryWriter(str(Path(workdir) / "tb"))
 
     def write(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
         record: dict[str, Any] = {"step": int(step)}
         for k, v in values.items():
             record[k] = float(v)
@@ -34,6 +39,8 @@ class MetricsWriter:
         self._file.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -136,8 +136,9 @@ def apply(graphdef: nnx.GraphDef, params: Params, images: jax.Array,
 def logical_axes(model: ViT) -> Params:
     """Nested dict (same structure as the params) of each parameter's logical axis names."""
     _, state = nnx.split(model, nnx.Param)
-    return jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return nnx.to_pure_dict(axes)
 
 
 def count_params(params: Params) -> int:

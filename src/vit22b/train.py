@@ -22,14 +22,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from vit22b.checkpoint import Checkpointer, abstract_like
 from vit22b.config import ModelConfig
 from vit22b.data import ImageDataset, load_dataset
 from vit22b.metrics import MetricsWriter
-from vit22b.model import apply, init_model, split_params
+from vit22b.model import abstract_model, apply, init_model, logical_axes, split_params
 from vit22b.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from vit22b.sharding import (
+    batch_sharding,
+    check_divisibility,
+    make_mesh,
+    opt_state_shardings,
+    param_shardings,
+)
 from vit22b.weights import CONFIG_FILE, save_model
 
 Loss = Literal["sigmoid", "softmax"]
@@ -48,7 +57,8 @@ class TrainConfig:
     data: str = "digits"
     val_data: str | None = None
     val_fraction: float = 0.2
-    batch_size: int = 128  # global batch
+    batch_size: int = 128  # global batch, over all processes
+    mesh: str = "-1x1"  # DATAxMODEL over all devices; -1 fills (sharding.py)
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     loss: Loss = "sigmoid"  # JFT-style multi-label sigmoid cross-entropy, as the paper
@@ -78,15 +88,34 @@ def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss) -> jax
     return optax.sigmoid_binary_cross_entropy(logits, onehot).sum(-1).mean()
 
 
-def init_state(cfg: TrainConfig) -> tuple[Any, optax.GradientTransformation, State]:
-    model = init_model(cfg.model, seed=cfg.seed)
-    graphdef, params = split_params(model)
-    tx = make_optimizer(cfg.optim, params, cfg.steps)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    return graphdef, tx, state
+def state_shardings(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, optax.GradientTransformation, Any]:
+    """(graphdef, optimizer, NamedSharding per state leaf), from shapes alone: nothing allocated."""
+    abstract = abstract_model(cfg.model)
+    graphdef, abstract_params = split_params(abstract)
+    params = param_shardings(logical_axes(abstract), abstract_params, mesh)
+    tx = make_optimizer(cfg.optim, abstract_params, cfg.steps)
+    opt_state = opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), params, mesh)
+    return graphdef, tx, {"step": NamedSharding(mesh, PartitionSpec()), "params": params,
+                          "opt_state": opt_state}
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig) -> Any:
+def init_state(cfg: TrainConfig, mesh: Mesh | None = None
+               ) -> tuple[Any, optax.GradientTransformation, State, Any]:
+    """The train state, created directly in its shards (no full copy on one device)."""
+    mesh = mesh or make_mesh(cfg.mesh)
+    graphdef, tx, shardings = state_shardings(cfg, mesh)
+
+    def init() -> State:
+        _, params = split_params(init_model(cfg.model, seed=cfg.seed))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, tx, state, shardings
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig,
+                    shardings: Any = None, mesh: Mesh | None = None) -> Any:
     def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
         logits, _ = apply(graphdef, params, images)
         return classification_loss(logits, labels, cfg.loss)
@@ -119,11 +148,41 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainC
                    "param_norm": optax.tree.norm(new_params)}
         return new, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_in = {"image": batch_sharding(mesh, 4), "label": batch_sharding(mesh, 1)}
+    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_in),
+                     out_shardings=(shardings, replicated))
+
+    def run(state: State, batch: dict[str, Any]) -> tuple[State, dict[str, jax.Array]]:
+        with jax.set_mesh(mesh):
+            return jitted(state, to_global(batch, mesh))
+
+    run.jitted = jitted  # type: ignore[attr-defined]
+    return run
 
 
-def make_predict(graphdef: Any) -> Any:
-    return jax.jit(lambda params, images: apply(graphdef, params, images)[0])
+def to_global(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's share of the global batch -> global arrays sharded over `data`."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def make_predict(graphdef: Any, mesh: Mesh | None = None) -> Any:
+    jitted = jax.jit(lambda params, images: apply(graphdef, params, images)[0])
+    if mesh is None:
+        return jitted
+
+    def predict(params: Any, images: np.ndarray) -> np.ndarray:
+        """Every process passes the same full batch; each feeds its slice, all get all logits."""
+        n, i = jax.process_count(), jax.process_index()
+        local = images[i * len(images) // n:(i + 1) * len(images) // n]
+        with jax.set_mesh(mesh):
+            logits = jitted(params, to_global({"image": local}, mesh)["image"])
+        return np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+
+    return predict
 
 
 def evaluate(predict: Any, params: Any, dataset: ImageDataset, batch_size: int) -> float:
@@ -170,19 +229,26 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
             f"model (classes {m.num_classes}, channels {m.in_channels}, size {m.image_size}) does "
             f"not fit the data (classes {dataset.num_classes}, channels {dataset.in_channels}, size "
             f"{dataset.image_size}): build the model config from the data set")
-    _check_workdir(cfg, workdir)
+    lead = jax.process_index() == 0  # the process that writes metrics, weights and results
+    mesh = make_mesh(cfg.mesh)
+    check_divisibility(cfg.model, cfg.batch_size, mesh)
+    if cfg.batch_size % jax.process_count():
+        raise TrainingError(f"batch {cfg.batch_size} does not split over {jax.process_count()} "
+                            "processes: use a multiple of the process count")
+    if lead:
+        _check_workdir(cfg, workdir)
 
-    graphdef, tx, state = init_state(cfg)
+    graphdef, tx, state, shardings = init_state(cfg, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
         state = checkpointer.restore(start, abstract_like(state))
         print(f"resumed from {workdir}/checkpoints/{start}")
     start = int(state["step"])
-    train_step = make_train_step(graphdef, tx, cfg)
-    predict = make_predict(graphdef)
+    train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
+    predict = make_predict(graphdef, mesh)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, enabled=lead)
 
     stop: dict[str, Any] = {}
 
@@ -190,9 +256,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
         stop["signal"] = signum
 
     previous_handler = signal.signal(signal.SIGTERM, on_signal)
-    batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed, start_step=start,
-                                    augment=cfg.augment)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+    batches = dataset.train_batches(cfg.batch_size // jax.process_count(), seed=cfg.seed,
+                                    start_step=start, augment=cfg.augment,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     window_start, window_steps = time.time(), 0
@@ -266,10 +334,13 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
     writer.write(step, **{"eval/accuracy": accuracy})
     writer.close()
-    save_model(workdir, state["params"], cfg.model)
+    params = multihost_utils.process_allgather(state["params"], tiled=True)
+    if lead:
+        save_model(workdir, params, cfg.model)
     result = {"eval_accuracy": accuracy, "steps": step, "seconds": time.time() - t_start,
               "resumed_from": start or None, "eval_examples": dataset.val_size,
               "train_examples": dataset.train_size, "data": dataset.name,
               "batch_size": cfg.batch_size}
-    (workdir / "final.json").write_text(json.dumps(result, indent=2))
+    if lead:
+        (workdir / "final.json").write_text(json.dumps(result, indent=2))
     return result
