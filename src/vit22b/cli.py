@@ -208,7 +208,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from vit22b.api import load_model
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, **({"dtype_mm": args.dtype_mm} if args.dtype_mm else {}))
     cfg = model.cfg
     forward = jax.jit(lambda x: model(x)[0])
     if args.input_npy:
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-npy", default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--dtype-mm", choices=["bfloat16", "float32"], default=None,
+                   help="matmul input dtype (default: the checkpoint's; float32 for exact numerics)")
     p.add_argument("images", nargs="*")
     p.set_defaults(func=cmd_predict)
 
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, WeightsError, CheckpointError, TrainingError,
-            FileNotFoundError) as e:
+            FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"vit22b {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
