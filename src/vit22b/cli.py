@@ -102,16 +102,19 @@ def init_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import jax
+def _given(value: Any, default: Any) -> Any:
+    """The flag's value if given (0 included: it must reach validation), else the default."""
+    return default if value is None else value
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     from vit22b.data import load_dataset
     from vit22b.optim import OptimConfig
     from vit22b.train import TrainConfig, train
 
     init_distributed(args)
     digits = args.data == "digits"
-    image_size = args.image_size or (DIGITS_IMAGE_SIZE if digits else FOLDER_IMAGE_SIZE)
+    image_size = _given(args.image_size, DIGITS_IMAGE_SIZE if digits else FOLDER_IMAGE_SIZE)
     dataset = load_dataset(args.data, image_size, val_path=args.val_data,
                            val_fraction=args.val_fraction, seed=args.seed)
     overrides = _model_overrides(args)
@@ -120,13 +123,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg = preset(args.preset or (DIGITS_PRESET if digits else FOLDER_PRESET),
                        image_size=image_size, in_channels=dataset.in_channels,
                        num_classes=dataset.num_classes, **overrides)
-    steps = args.steps or (1500 if digits else 10_000)
+    steps = _given(args.steps, 1500 if digits else 10_000)
     warmup = args.warmup if args.warmup is not None else round(steps * 10 / 177)
     optim = OptimConfig(
-        optimizer=args.optimizer, learning_rate=args.lr or (3e-3 if digits else 1e-3),
+        optimizer=args.optimizer, learning_rate=_given(args.lr, 3e-3 if digits else 1e-3),
         schedule=args.schedule, warmup_steps=warmup,
         cooldown_steps=args.cooldown if args.cooldown is not None else round(steps * 30 / 177),
-        timescale=args.timescale or max(warmup, 1), weight_decay=args.wd,
+        timescale=_given(args.timescale, max(warmup, 1)), weight_decay=args.wd,
         head_wd_mult=args.head_wd_mult, grad_clip_norm=args.clip)
     name = "digits" if digits else Path(args.data).name
     cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
@@ -140,9 +143,6 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
           f"{dataset.num_classes} classes -> {cfg.workdir}")
-    if jax.process_index() == 0:
-        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
     result = train(cfg, dataset)
     print(f"held-out accuracy: {100 * result['eval_accuracy']:.2f}% on {result['eval_examples']} "
           f"images after {result['steps']} steps, {result['seconds']:.0f} s "
@@ -158,7 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vit22b.weights import flatten
 
     fields: dict[str, Any] = {"num_classes": args.num_classes}
-    if args.image_size:
+    if args.image_size is not None:
         fields["image_size"] = args.image_size
     cfg = preset(args.preset, **fields, **_model_overrides(args))
     _, params = split_params(abstract_model(cfg))

@@ -99,9 +99,10 @@ def state_shardings(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, optax.GradientTr
                           "opt_state": opt_state}
 
 
-def init_state(cfg: TrainConfig, mesh: Mesh | None = None
+def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = False
                ) -> tuple[Any, optax.GradientTransformation, State, Any]:
-    """The train state, created directly in its shards (no full copy on one device)."""
+    """The train state, created directly in its shards (no full copy on one device).
+    `abstract=True`: ShapeDtypeStructs with those shardings (a restore target), nothing computed."""
     mesh = mesh or make_mesh(cfg.mesh)
     graphdef, tx, shardings = state_shardings(cfg, mesh)
 
@@ -110,7 +111,8 @@ def init_state(cfg: TrainConfig, mesh: Mesh | None = None
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        init_fn = jax.jit(init, out_shardings=shardings)
+        state = jax.eval_shape(init_fn) if abstract else init_fn()
     return graphdef, tx, state, shardings
 
 
@@ -237,10 +239,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
                             "processes: use a multiple of the process count")
     if lead:
         _check_workdir(cfg, workdir)
+        (workdir / "classes.json").write_text(json.dumps(list(dataset.class_names)))
 
-    graphdef, tx, state, shardings = init_state(cfg, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     start = checkpointer.latest_step()
+    graphdef, tx, state, shardings = init_state(cfg, mesh, abstract=start is not None)
     if start is not None:
         state = checkpointer.restore(start, abstract_like(state))
         print(f"resumed from {workdir}/checkpoints/{start}")
