@@ -218,3 +218,20 @@ def test_bfloat16_matmuls_take_bfloat16_inputs(block, tiny2_cfg, images, random_
     assert len(types16) >= 10
     assert all(t == ("bf16", "bf16") for t in types16), types16
     assert all(t == ("f32", "f32") for t in types32), types32
+
+
+def test_bf16_backward_matmuls_take_bf16_inputs():
+    """The custom VJP of layers.matmul: every dot of the gradient has bf16 operands (plain autodiff
+    would multiply the f32 cotangent by bf16 operands, i.e. run f32 matmuls)."""
+    import re
+
+    from vit22b.layers import matmul
+
+    x, w = jnp.ones((4, 5, 8)), jnp.ones((8, 2, 6))
+    grad = jax.grad(lambda x, w: matmul("bnd,dhf->bnhf", x, w, "bfloat16").sum(), (0, 1))
+    hlo = jax.jit(grad).lower(x, w).as_text()
+    dots = re.findall(r"stablehlo.dot_general.*", hlo)
+    assert dots and all("xbf16>, tensor<" in d and "-> tensor<" in d and d.count("bf16") >= 2
+                        for d in dots), dots
+    dx, dw = grad(x, w)
+    assert dx.dtype == dw.dtype == jnp.float32

@@ -1,0 +1,125 @@
+"""Check `vit22b plan`'s per-device memory against XLA's own accounting of the real train step.
+
+    python bench/plan_validate.py [--out bench/results/plan_validation.json] [--only B/16]
+
+For each configuration the trainer's sharded step (`train.state_shardings` + `make_train_step`,
+state donated, batch sharded over data) is lowered with `jax.ShapeDtypeStruct` inputs on a
+simulated CPU mesh and compiled; nothing is allocated, so the full 22B/14 preset fits. Compared
+per device: XLA's argument bytes (params + optimizer state + batch) with the planner's
+`arguments`, XLA's temporaries with the planner's `temp`, and their sum (outputs alias the
+donated state) with the planner's `peak`. XLA:CPU schedules and fuses differently from the TPU
+and GPU backends, so this checks the planner's bookkeeping, not a TPU's exact peak.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=16"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from vit22b.config import preset  # noqa: E402
+from vit22b.model import abstract_model, split_params  # noqa: E402
+from vit22b.optim import OptimConfig  # noqa: E402
+from vit22b.plan import GiB, memory  # noqa: E402
+from vit22b.sharding import batch_sharding, make_mesh  # noqa: E402
+from vit22b.train import TrainConfig, make_train_step, state_shardings  # noqa: E402
+
+# (preset, image size, global batch, mesh, remat, optimizer, grad_accum, model overrides)
+CONFIGS: list[tuple[str, int, int, str, str, str, int, dict[str, Any]]] = [
+    ("B/16", 224, 64, "4x2", "nothing_saveable", "adafactor", 1, {}),
+    ("B/16", 224, 64, "2x4", "nothing_saveable", "adafactor", 1, {}),
+    ("B/16", 224, 64, "4x2", "dots_saveable", "adafactor", 1, {}),
+    ("B/16", 224, 64, "4x2", "none", "adafactor", 1, {}),
+    ("B/16", 224, 64, "4x2", "nothing_saveable", "adamw", 1, {}),
+    ("B/16", 224, 128, "4x2", "nothing_saveable", "adafactor", 2, {}),
+    ("L/14", 224, 64, "4x2", "nothing_saveable", "adafactor", 1, {}),
+    ("L/14", 224, 64, "8x1", "nothing_saveable", "adafactor", 1, {}),
+    ("22B/14", 224, 64, "4x4", "nothing_saveable", "adafactor", 1, {}),
+    # 22B widths with few layers and a large batch: activations, not the update, set the peak
+    ("22B/14", 224, 512, "4x4", "nothing_saveable", "adafactor", 1, {"depth": 4}),
+    ("22B/14", 224, 512, "4x4", "dots_saveable", "adafactor", 1, {"depth": 2}),
+    ("22B/14", 224, 256, "4x4", "none", "adafactor", 1, {"depth": 2}),
+]
+
+
+def xla_memory(name: str, image: int, batch: int, mesh_spec: str, remat: str, optimizer: str,
+               grad_accum: int, overrides: dict[str, Any]) -> dict[str, float]:
+    cfg = TrainConfig(model=preset(name, image_size=image, remat=remat, **overrides),
+                      optim=OptimConfig(optimizer=optimizer), batch_size=batch, mesh=mesh_spec,  # type: ignore[arg-type]
+                      grad_accum=grad_accum)
+    data, model = (int(x) for x in mesh_spec.split("x"))
+    mesh = make_mesh(mesh_spec, jax.devices()[: data * model])
+    graphdef, tx, shardings = state_shardings(cfg, mesh)
+    _, params = split_params(abstract_model(cfg.model))
+
+    def spec(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    state = {"step": spec(jax.ShapeDtypeStruct((), jnp.int32), shardings["step"]),
+             "params": jax.tree.map(spec, params, shardings["params"]),
+             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), shardings["opt_state"])}
+    batch_in = {"image": jax.ShapeDtypeStruct((batch, image, image, 3), jnp.float32,
+                                              sharding=batch_sharding(mesh, 4)),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
+    step = make_train_step(graphdef, tx, cfg, shardings, mesh)
+    start = time.time()
+    with jax.set_mesh(mesh):
+        compiled = step.jitted.lower(state, batch_in).compile()
+    ma = compiled.memory_analysis()
+    return {"arguments": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
+            "peak": ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+            - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/plan_validation.json")
+    ap.add_argument("--only", default=None, help="run only configs of this preset")
+    args = ap.parse_args()
+    rows = []
+    head = (f"{'preset':<7}{'batch':>6} {'mesh':<5}{'remat':<17}{'opt':<10}{'acc':>3} {'extra':<11}"
+            f"{'args plan/xla':>16} {'err':>6} {'temp plan/xla':>16} {'err':>6} "
+            f"{'peak plan/xla':>16} {'err':>6}")
+    print("per-device GiB, planned vs XLA memory_analysis()\n" + head)
+    for name, image, batch, mesh_spec, remat, optimizer, accum, overrides in CONFIGS:
+        if args.only and name != args.only:
+            continue
+        data, model = (int(x) for x in mesh_spec.split("x"))
+        cfg = preset(name, image_size=image, remat=remat, **overrides)
+        planned = memory(cfg, batch, data, model, remat, optimizer, accum)
+        xla = xla_memory(name, image, batch, mesh_spec, remat, optimizer, accum, overrides)
+        row: dict[str, Any] = {"preset": name, "image_size": image, "batch": batch, "mesh": mesh_spec,
+                               "remat": remat, "optimizer": optimizer, "grad_accum": accum,
+                               "overrides": overrides, "planned_bytes": planned, "xla_bytes": xla}
+        line = (f"{name:<7}{batch:>6} {mesh_spec:<5}{remat:<17}{optimizer:<10}{accum:>3} "
+                f"{','.join(f'{k}={v}' for k, v in overrides.items()):<11}")
+        for key in ("arguments", "temp", "peak"):
+            err = planned[key] / xla[key] - 1
+            row[f"{key}_rel_error"] = err
+            line += f"{planned[key] / GiB:8.3f}/{xla[key] / GiB:<7.3f} {err:+6.1%} "
+        rows.append(row)
+        print(line, flush=True)
+    worst = max(abs(r["peak_rel_error"]) for r in rows)
+    worst_temp = max(abs(r["temp_rel_error"]) for r in rows)
+    print(f"largest |error|: peak {worst:.1%}, temp {worst_temp:.1%}")
+    out = {"description": __doc__, "jax": jax.__version__, "platform": platform.platform(),
+           "xla_flags": os.environ["XLA_FLAGS"], "rows": rows,
+           "max_abs_peak_rel_error": worst, "max_abs_temp_rel_error": worst_temp}
+    if args.only is None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
