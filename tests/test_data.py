@@ -363,3 +363,11 @@ def test_folder_transforms_flip_and_central_crop(tmp_path):
 
     assert ramp_falls(take(ds.train_batches(8, augment=False), 3)) == 0
     assert 0.25 < ramp_falls(take(ds.train_batches(8, seed=1), 8)) < 0.75  # ~half flipped
+
+
+def test_eval_batches_over_the_train_split_cover_it_in_order(digits):
+    batches = list(digits.eval_batches(500, split="train"))
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(labels, digits.train.labels)
+    with pytest.raises(DataError, match="split"):
+        next(digits.eval_batches(8, split="test"))

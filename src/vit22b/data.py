@@ -232,16 +232,20 @@ class ImageDataset:
             yield {"image": _normalise(batch), "label": labels[idx]}
             step += 1
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """One in-order pass over val; the last batch is padded, "mask" marks the real examples."""
+    def eval_batches(self, batch_size: int, split: str = "val") -> Iterator[Batch]:
+        """One in-order pass over a split (val by default) without augmentation; the last batch is
+        padded, "mask" marks the real examples."""
         if batch_size <= 0:
             raise DataError(f"eval batch_size={batch_size}: use a positive batch size.")
-        for start in range(0, self.val_size, batch_size):
-            labels = self.val.labels[start:start + batch_size]
-            if self.val.images is not None:
-                images = self.val.images[start:start + batch_size]
+        if split not in ("train", "val"):
+            raise DataError(f"split {split!r}: use 'train' or 'val'")
+        data = self.train if split == "train" else self.val
+        for start in range(0, len(data), batch_size):
+            labels = data.labels[start:start + batch_size]
+            if data.images is not None:
+                images = data.images[start:start + batch_size]
             else:
-                paths = self.val.paths[start:start + batch_size]
+                paths = data.paths[start:start + batch_size]
                 images = np.stack(_thread_map(lambda p: _eval_image(p, self.image_size), paths))
             yield _pad_batch(images, labels, batch_size)
 
