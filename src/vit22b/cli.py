@@ -1,4 +1,4 @@
-"""`vit22b` command line: train, info, plot, predict, import-timm, export-timm.
+"""`vit22b` command line: train, info, plot, predict, import-timm, export-timm, transfer tasks.
 
 Every ModelConfig field is a flag (`--block sequential`, `--no-qk-norm`, `--norm layer`,
 `--head gap`, `--qkv-bias` ...), so each of the paper's modifications is one flag away.
@@ -278,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("dst")
     p.set_defaults(func=cmd_export_timm)
+
+    # Transfer tasks on frozen or fine-tuned checkpoints (vit22b/tasks/): each registers itself.
+    from vit22b.tasks import fewshot, probe, robustness
+    for task in (probe, fewshot, robustness):
+        task.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""`vit22b robustness`: classifier accuracy under distribution shift, and calibration.
+
+Protocol. The checkpoint's own classifier logits (it must have a head: num_classes > 0, matching the
+data's classes) are computed on the val split unchanged ("identity") and on shifted copies of
+every eval batch, made with numpy/scipy.ndimage on images in [-1, 1]:
+
+- rotate_<deg>: rotation about the centre, bilinear, borders filled with the nearest pixel;
+- noise_<sigma>: additive Gaussian noise (sigma in [-1, 1] units; seeded), clipped to [-1, 1];
+- blur_<sigma>: Gaussian blur over the two spatial axes (sigma in pixels);
+- contrast_<f>: each image's mean + f * (image - mean).
+
+Calibration: probabilities are softmax(logits) (also for sigmoid-trained checkpoints: their
+ranking is what the softmax sees). ECE uses 15 equal-width bins over the max probability,
+ECE = sum_b |b|/N * |acc(b) - conf(b)|. A temperature T is fit by minimising the val NLL of
+softmax(logits / T) (bounded 1-D search over log T); ECE and NLL are reported before and after.
+Note T is fit and evaluated on the same (val) split, the usual quick protocol: it measures how
+much of the miscalibration one scalar explains, not a held-out gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from scipy import ndimage, optimize
+from scipy.special import log_softmax, softmax
+
+from vit22b.data import DataError
+from vit22b.tasks.probe import add_common_args, load_task, run_batches, write_results
+
+Shift = Callable[[np.ndarray], np.ndarray]
+
+
+def rotate(degrees: float) -> Shift:
+    return lambda x: ndimage.rotate(x, degrees, axes=(1, 2), reshape=False, order=1, mode="nearest")
+
+
+def noise(sigma: float, seed: int = 0) -> Shift:
+    rng = np.random.default_rng(seed)  # batches come in order: the same noise every run
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        return np.clip(x + sigma * rng.standard_normal(x.shape, np.float32), -1.0, 1.0)
+    return apply
+
+
+def blur(sigma: float) -> Shift:
+    return lambda x: ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest")
+
+
+def contrast(factor: float) -> Shift:
+    def apply(x: np.ndarray) -> np.ndarray:
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        return mean + factor * (x - mean)
+    return apply
+
+
+def default_shifts() -> dict[str, Shift | None]:
+    return {"identity": None, "rotate_15": rotate(15), "rotate_30": rotate(30), "noise_0.1": noise(0.1),
+            "noise_0.3": noise(0.3), "blur_1": blur(1.0), "contrast_0.5": contrast(0.5)}
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error with `bins` equal-width bins over the max probability."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == labels).astype(np.float64)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # bin b holds (b/B, (b+1)/B]
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(total)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    logp = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """argmin_T NLL(softmax(logits / T)), a bounded scalar search over log T in [log 0.01, log 100]."""
+    res = optimize.minimize_scalar(lambda t: nll(logits, labels, float(np.exp(t))),
+                                   bounds=(np.log(0.01), np.log(100.0)), method="bounded",
+                                   options={"xatol": 1e-5})
+    return float(np.exp(res.x))
+
+
+def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    t = fit_temperature(logits, labels)
+    return {"temperature": t, "ece": ece(softmax(logits, axis=1), labels),
+            "ece_scaled": ece(softmax(logits / t, axis=1), labels),
+            "nll": nll(logits, labels), "nll_scaled": nll(logits, labels, t)}
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    model, dataset = load_task(args)
+    cfg = model.cfg
+    if not cfg.num_classes:
+        raise ValueError(f"{args.checkpoint} has no classifier (num_classes=0): robustness needs class "
+                         "logits; fine-tune a head first, or use `vit22b probe` / `vit22b fewshot`")
+    if cfg.num_classes != dataset.num_classes:
+        raise DataError(f"the checkpoint's classifier has {cfg.num_classes} classes but {dataset.name!r} "
+                        f"has {dataset.num_classes}: evaluate on the data it was trained for")
+    logits_fn = jax.jit(lambda x: model(x)[0])
+    shifts = default_shifts()
+    results: dict[str, Any] = {"task": "robustness", "checkpoint": str(args.checkpoint),
+                               "data": dataset.name, "image_size": dataset.image_size,
+                               "val_examples": dataset.val_size, "shifts": {}}
+    for name, shift in shifts.items():
+        logits, labels = run_batches(logits_fn, dataset, "val", args.batch_size, not args.no_progress,
+                                     name, transform=shift)
+        acc = float(np.mean(logits.argmax(1) == labels))
+        results["shifts"][name] = {"accuracy": acc, "ece": ece(softmax(logits, axis=1), labels)}
+        if name == "identity":
+            results["calibration"] = calibration(logits, labels)
+    out = write_results(results, args, "robustness")
+    print(f"robustness of {args.checkpoint} on {dataset.name} ({dataset.val_size} val images):")
+    for name, r in results["shifts"].items():
+        print(f"  {name:>13}: accuracy {100 * r['accuracy']:6.2f}%  ECE {r['ece']:.4f}")
+    c = results["calibration"]
+    print(f"  calibration (identity): ECE {c['ece']:.4f} -> {c['ece_scaled']:.4f}, NLL {c['nll']:.4f} -> "
+          f"{c['nll_scaled']:.4f} at temperature T={c['temperature']:.3f}  -> {out}")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("robustness", help="accuracy under shifts + ECE before/after temperature")
+    add_common_args(p)
+    p.set_defaults(func=cmd_robustness)
