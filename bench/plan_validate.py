@@ -1,6 +1,11 @@
 """Check `vit22b plan`'s per-device memory against XLA's own accounting of the real train step.
 
     python bench/plan_validate.py [--out bench/results/plan_validation.json] [--only B/16]
+    python bench/plan_validate.py --searches   # the paper's run and GPU clusters, no compiling
+
+`--searches` runs `vit22b plan 22B/14 --batch 65536 --search N` for TPUv4 at 256...4096 chips
+(the paper's chip count is unknown) against the paper's 54.9% MFU and 1.15k tokens/s per chip,
+and for H100/H200 at 64, 256 and 1024 GPUs, into bench/results/plan_searches.json.
 
 For each configuration the trainer's sharded step (`train.state_shardings` + `make_train_step`,
 state donated, batch sharded over data) is lowered with `jax.ShapeDtypeStruct` inputs on a
@@ -28,9 +33,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from vit22b.config import preset  # noqa: E402
+from vit22b.flops import flops_per_image  # noqa: E402
 from vit22b.model import abstract_model, split_params  # noqa: E402
 from vit22b.optim import OptimConfig  # noqa: E402
-from vit22b.plan import GiB, memory  # noqa: E402
+from vit22b.plan import HARDWARE, GiB, format_search, memory, search  # noqa: E402
 from vit22b.sharding import batch_sharding, make_mesh  # noqa: E402
 from vit22b.train import TrainConfig, make_train_step, state_shardings  # noqa: E402
 
@@ -81,11 +87,36 @@ def xla_memory(name: str, image: int, batch: int, mesh_spec: str, remat: str, op
             - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
 
 
+PAPER = {"mfu": 0.549, "tokens_per_second_per_chip": 1150.0}  # vit22b-facts.md, section 2
+
+
+def searches(out: str) -> None:
+    cfg, batch, result = preset("22B/14"), 65536, {}
+    implied = PAPER["tokens_per_second_per_chip"] * flops_per_image(cfg)["train"] / cfg.num_patches
+    print(f"paper: {PAPER['mfu']:.1%} MFU, {PAPER['tokens_per_second_per_chip']:,.0f} tokens/s/chip "
+          f"(= {implied / HARDWARE['tpuv4'].peak_flops:.1%} MFU by flops.py's count)")
+    for name, counts in (("tpuv4", (256, 512, 1024, 2048, 4096)), ("h100", (64, 256, 1024)),
+                         ("h200", (64, 256, 1024))):
+        for n in counts:
+            found = search(cfg, batch, n, HARDWARE[name])
+            print(f"\nvit22b plan 22B/14 --batch {batch} --hardware {name} --search {n}\n"
+                  + format_search(found, 4))
+            result[f"{name}_{n}"] = [{k: p[k] for k in ("mesh", "remat", "grad_accum", "memory_bytes",
+                                                        "t_compute", "t_comm", "overlap", "no_overlap")}
+                                     for p in found[:4]]
+    Path(out).write_text(json.dumps({"paper": PAPER, "batch": batch, "image_size": 224,
+                                     "best_plans": result}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/plan_validation.json")
     ap.add_argument("--only", default=None, help="run only configs of this preset")
+    ap.add_argument("--searches", action="store_true", help="best meshes instead of validating")
     args = ap.parse_args()
+    if args.searches:
+        return searches("bench/results/plan_searches.json")
     rows = []
     head = (f"{'preset':<7}{'batch':>6} {'mesh':<5}{'remat':<17}{'opt':<10}{'acc':>3} {'extra':<11}"
             f"{'args plan/xla':>16} {'err':>6} {'temp plan/xla':>16} {'err':>6} "

@@ -1,4 +1,4 @@
-"""`vit22b` command line: train, info, plot, predict, import-timm, export-timm, transfer tasks.
+"""`vit22b` command line: train, info, plan, plot, predict, import/export-timm, transfer.
 
 Every ModelConfig field is a flag (`--block sequential`, `--no-qk-norm`, `--norm layer`,
 `--head gap`, `--qkv-bias` ...), so each of the paper's modifications is one flag away.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vit22b.config import ConfigError, ModelConfig, preset
+from vit22b.plan import add_plan_parser
 
 DIGITS_PRESET, DIGITS_IMAGE_SIZE = "nano/4", 16
 FOLDER_PRESET, FOLDER_IMAGE_SIZE = "Ti/16", 224
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit22b", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    add_plan_parser(sub)
 
     p = sub.add_parser("info", help="parameter count and FLOPs of a preset")
     p.add_argument("preset")
@@ -280,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_timm)
 
     # Transfer tasks on frozen or fine-tuned checkpoints (vit22b/tasks/): each registers itself.
-    from vit22b.tasks import fewshot, probe, robustness
-    for task in (probe, fewshot, robustness):
+    from vit22b.tasks import distill, fewshot, finetune, probe, robustness
+    for task in (probe, fewshot, finetune, distill, robustness):
         task.add_parser(sub)
     return parser
 

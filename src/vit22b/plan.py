@@ -1,0 +1,403 @@
+"""`vit22b plan`: per-device memory, FLOPs, collectives and a roofline step time for a mesh.
+
+    vit22b plan 22B/14 --batch 65536 --mesh 256x16 --hardware tpuv4
+    vit22b plan 22B/14 --batch 65536 --hardware h100 --search 1024
+
+Parameters and optimizer state are sized from the trainer's own sharding rules: `train.state_shardings`
+on a `jax.sharding.AbstractMesh` of the requested shape (no devices needed, any size), so the
+planner cannot drift from what `vit22b train` allocates. Everything else is a formula, below.
+
+Memory per device (b = micro-batch per data shard, T tokens, D width, Dm = D/m, Hm = heads/m,
+F = 3*head_dim + mlp/heads, Fo = head_dim + mlp/heads, s = bytes of dtype_mm; "f32" = 4 bytes):
+  arguments   params (f32) + optimizer state + this device's images and labels + step counter
+  grads       f32, sharded like the params (grad_accum > 1: x3, the scan's old and new
+              accumulator beside the micro-batch's gradients, plus a reshaped copy of the batch)
+  saved       what the layer scan keeps for the backward pass, per layer x depth:
+                nothing_saveable  the block input x [b,T,Dm] f32
+                dots_saveable     x + matmul outputs: fused [b,T,Hm,F] f32, logits [b,Hm,T,T]
+                                  f32, attention output [b,T,Hm,hd] s, out-projection [b,T,Dm] f32
+                none              every residual autodiff keeps (`layer_residuals`, the list
+                                  jax.ad_checkpoint.print_saved_residuals prints for the block)
+  working     one layer's backward pass (`layer_working`). XLA fuses elementwise chains into
+              their matmuls, so what is materialised is the matmuls' operands (dtype_mm) and
+              results (f32), rebuilt by the recompute (nothing_saveable: both; dots_saveable:
+              the operands), their cotangents, the layer's kernels gathered over data (dtype_mm)
+              and their f32 gradients before the reduce-scatter
+  update      the optimizer step: grads + the new params and optimizer state, all alive at once
+              because the trainer keeps the old state for its non-finite-step guard
+  temp        max(grads + saved + working, update);  peak = arguments + temp
+bench/plan_validate.py checks these against XLA's memory_analysis() of the real sharded step
+(|peak error| <= 10% from B/16 to the full 22B/14). The activation and model-axis formulas are
+those of the parallel block (the default); for block="sequential" they are approximate.
+
+Time (a roofline, no overlap model beyond the two bounds):
+  t_compute = step FLOPs per device / peak; step FLOPs = flops_per_image train x batch, plus the
+              forward recompute of the encoder under nothing_saveable (dots_saveable recomputes
+              no matmuls; elementwise work is not counted, as in flops.py)
+  t_comm    = sum over collectives of bytes per device / link bandwidth, each a ring: a device
+              sends and receives (k-1)/k of the gathered size (all-reduce: twice that)
+  step      = t_compute + t_comm (no overlap) or max(t_compute, t_comm) (perfect overlap, what
+              the asynchronous parallel linear aims for); MFU = useful FLOPs / (step x peak x devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from vit22b.config import ConfigError, ModelConfig, preset
+from vit22b.flops import flops_per_image
+
+GiB = 2**30
+REMATS = ("nothing_saveable", "dots_saveable", "none")
+HEADROOM = 0.9  # --search keeps plans whose peak is at most 90% of HBM
+# Bytes per element on the wire. The step as XLA compiles it (the HLO of bench/plan_validate.py's
+# steps on CPU) moves only f32: parameters are gathered before their cast to dtype_mm, and the
+# residual stream and its cotangents cross the model axis in f32. Casting first would halve the
+# all-gathers.
+WIRE_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s per device
+    hbm_bytes: float
+    intra_bw: float  # bytes/s per device, one direction, inside a node (NVLink / ICI)
+    inter_bw: float  # bytes/s per device, one direction, between nodes (InfiniBand / DCN)
+    node_size: int  # devices that share the intra-node link
+
+
+HARDWARE: dict[str, Hardware] = {
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM, 4096-chip pod on one 3-D ICI
+    # torus. ICI: 400 Gb/s = 50 GB/s per link and direction (Jouppi et al., ISCA 2023); we charge
+    # a ring one link (conservative: a torus axis can use both directions). One pod = one "node".
+    "tpuv4": Hardware("tpuv4", 275e12, 32 * GiB, 50e9, 50e9, 4096),
+    # NVIDIA A100 datasheet: 312 TFLOP/s dense bf16; NVLink3 600 GB/s total = 300 GB/s per
+    # direction; 8 per HGX node; one 200 Gb/s HDR InfiniBand NIC per GPU = 25 GB/s.
+    "a100": Hardware("a100", 312e12, 80 * GiB, 300e9, 25e9, 8),
+    # H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 is with sparsity); NVLink4 900 GB/s total
+    # = 450 GB/s per direction; one 400 Gb/s NDR NIC per GPU = 50 GB/s.
+    "h100": Hardware("h100", 989e12, 80 * GiB, 450e9, 50e9, 8),
+    # H200 SXM: the H100's compute and links with 141 GB of HBM3e (nvidia-smi: 143,771 MiB).
+    "h200": Hardware("h200", 989e12, 140 * GiB, 450e9, 50e9, 8),
+}
+
+
+def state_layout(cfg: ModelConfig, optimizer: str, data: int, model: int) -> dict[str, Any]:
+    """Per-device bytes of params and optimizer state from the trainer's shardings, and one
+    record per parameter (for the collectives)."""
+    return _state_layout(cfg.replace(remat="none"), optimizer, data, model)  # remat: no shapes
+
+
+@functools.lru_cache(maxsize=64)
+def _state_layout(cfg: ModelConfig, optimizer: str, data: int, model: int) -> dict[str, Any]:
+    from vit22b.model import abstract_model, split_params
+    from vit22b.optim import OptimConfig
+    from vit22b.train import TrainConfig, state_shardings
+
+    mesh = AbstractMesh((data, model), ("data", "model"))
+    tcfg = TrainConfig(model=cfg, optim=OptimConfig(optimizer=optimizer))  # type: ignore[arg-type]
+    _, tx, shard = state_shardings(tcfg, mesh)
+    _, params = split_params(abstract_model(cfg))
+    opt = jax.eval_shape(tx.init, params)
+
+    def nbytes(leaf: Any, sharding: Any) -> int:
+        return math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+
+    records = []
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(shard["params"]), strict=True):
+        records.append({"name": jax.tree_util.keystr(path), "bytes": nbytes(leaf, sh),
+                        "over_data": "data" in sh.spec, "encoder": "encoder" in str(path[0])})
+    opt_bytes = sum(nbytes(a, s) for a, s in zip(jax.tree.leaves(opt),
+                                                 jax.tree.leaves(shard["opt_state"]), strict=True))
+    return {"params": sum(r["bytes"] for r in records), "opt_state": opt_bytes, "records": records}
+
+
+def check(cfg: ModelConfig, batch: int, data: int, model: int, grad_accum: int = 1) -> None:
+    """The trainer's divisibility rules (sharding.check_divisibility), without devices."""
+    if batch % (data * grad_accum):
+        raise ConfigError(f"batch {batch} does not split into {data} data shards x {grad_accum} "
+                          "micro-batches")
+    for name in ("num_heads", "width", "mlp_dim"):
+        if getattr(cfg, name) % model:
+            raise ConfigError(f"{name} {getattr(cfg, name)} is not divisible by the model axis {model}")
+
+
+def _dims(cfg: ModelConfig, b: int, m: int) -> dict[str, int]:
+    H, hd, Mh = cfg.num_heads, cfg.head_dim, cfg.mlp_dim // cfg.num_heads
+    return dict(b=b, T=cfg.num_patches + (cfg.head == "token"), D=cfg.width, Dm=cfg.width // m,
+                Hm=H // m, hd=hd, Mh=Mh, F=3 * hd + Mh, Fo=hd + Mh, s=np.dtype(cfg.dtype_mm).itemsize)
+
+
+def _kernels(d: dict[str, int]) -> int:
+    """Elements of one layer's fused in- and out-kernels on one model device."""
+    return d["D"] * d["Hm"] * d["F"] + d["Hm"] * d["Fo"] * d["D"]
+
+
+def layer_residuals(cfg: ModelConfig, b: int, m: int) -> int:
+    """Bytes of the residuals JAX's autodiff keeps for one block's backward pass (per device);
+    the list `jax.ad_checkpoint.print_saved_residuals(parallel_block)` prints."""
+    d = _dims(cfg, b, m)
+    bT, s = d["b"] * d["T"], d["s"]
+    return (bT * d["Dm"] * 4  # block input x
+            + bT * d["D"] * (2 * 4 + s)  # RMSNorm: two f32 products over the gathered width, cast
+            + _kernels(d) * s  # this layer's kernels, gathered and cast
+            + bT * d["Hm"] * d["hd"] * (6 * 4 + 3 * s)  # q, k: split + 2 norm products; 3 casts
+            + d["b"] * d["Hm"] * d["T"] ** 2 * (4 + s)  # softmax exp (f32) and probabilities
+            + bT * d["Hm"] * d["Mh"] * 5 * 4  # MLP pre-activation and tanh-GELU intermediates
+            + bT * d["Hm"] * d["Fo"] * s)  # concatenated input of the out-projection
+
+
+def layer_working(cfg: ModelConfig, b: int, m: int, remat: str) -> int:
+    """Bytes one block needs during its backward pass, beyond what was saved. XLA fuses the
+    elementwise chains into their matmuls, so what is materialised is the matmuls' operands and
+    results (rebuilt by the recompute: all of them under nothing_saveable, the operands only under
+    dots_saveable) and their cotangents, plus the layer's gathered kernels and their f32 gradients
+    before the reduce-scatter."""
+    d = _dims(cfg, b, m)
+    bT, s, logits = d["b"] * d["T"], d["s"], d["b"] * d["Hm"] * d["T"] ** 2
+    operands = bT * d["D"] * s + bT * d["Hm"] * (3 * d["hd"] + d["Fo"]) * s + logits * s
+    results = bT * d["D"] * 4 + bT * d["Hm"] * (d["F"] * 4 + d["hd"] * s) + logits * 4
+    # cotangents: fused (f32) and z (cast); probabilities (f32), their cotangent (dtype_mm, from
+    # the p.v matmul) and the logits' (f32); the block input's partial sums (f32)
+    backward = (bT * d["Hm"] * (d["F"] * 4 + d["Fo"] * s) + logits * (4 + s + 4)
+                + bT * d["D"] * 4)
+    recompute = {"nothing_saveable": operands + results, "dots_saveable": operands}.get(remat, 0)
+    return recompute + backward + _kernels(d) * (s + 4)
+
+
+def saved_per_layer(cfg: ModelConfig, b: int, m: int, remat: str) -> int:
+    d = _dims(cfg, b, m)
+    bT = d["b"] * d["T"]
+    carry = bT * d["Dm"] * 4
+    if remat == "nothing_saveable":
+        return carry
+    if remat == "dots_saveable":
+        return (carry + bT * d["Hm"] * d["F"] * 4 + d["b"] * d["Hm"] * d["T"] ** 2 * 4
+                + bT * d["Hm"] * d["hd"] * d["s"] + bT * d["Dm"] * 4)
+    if remat == "none":
+        return layer_residuals(cfg, b, m)
+    raise ConfigError(f"remat {remat!r}: the planner knows {REMATS}")
+
+
+def memory(cfg: ModelConfig, batch: int, data: int, model: int, remat: str = "nothing_saveable",
+           optimizer: str = "adafactor", grad_accum: int = 1) -> dict[str, float]:
+    """Per-device bytes (see the module docstring for the formulas)."""
+    check(cfg, batch, data, model, grad_accum)
+    st = state_layout(cfg, optimizer, data, model)
+    b = batch // (data * grad_accum)
+    inputs = batch // data * (cfg.image_size**2 * cfg.in_channels * 4 + 4)
+    # grad_accum > 1: the scan over micro-batches holds its carry twice (old and new) beside the
+    # micro-batch's gradients, and a reshaped copy of the batch
+    grads = st["params"] * (3 if grad_accum > 1 else 1) + (inputs if grad_accum > 1 else 0)
+    saved = cfg.depth * saved_per_layer(cfg, b, model, remat)
+    working = layer_working(cfg, b, model, remat)
+    update = st["params"] + st["params"] + st["opt_state"]
+    arguments = st["params"] + st["opt_state"] + inputs + 4  # + the int32 step counter
+    temp = max(grads + saved + working, update)
+    return {"params": st["params"], "opt_state": st["opt_state"], "inputs": inputs,
+            "arguments": arguments, "grads": grads, "saved_activations": saved,
+            "working_activations": working, "update_phase": update, "temp": temp,
+            "peak": arguments + temp}
+
+
+def _bandwidth(hw: Hardware, axis_devices: int, stride: int) -> tuple[float, str]:
+    """A ring over `axis_devices` devices spaced `stride` apart (model axis innermost)."""
+    intra = axis_devices * stride <= hw.node_size
+    return (hw.intra_bw, "intra") if intra else (hw.inter_bw, "inter")
+
+
+def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
+                optimizer: str, grad_accum: int, hw: Hardware) -> list[dict[str, Any]]:
+    """Bytes each device sends per step, per collective, and the time at its link's bandwidth."""
+    st = state_layout(cfg, optimizer, data, model)
+    s = WIRE_BYTES
+    ring_d = (data - 1) / data
+    recompute_gathers = 1 if remat in ("nothing_saveable", "dots_saveable") else 0
+    # r["bytes"]: this device's f32 shard; a ring all-gather or reduce-scatter over data moves
+    # (data-1) shards through each device, an all-reduce twice (data-1)/data of the tensor
+    fsdp = sum(r["bytes"] // 4 * s * (data - 1) * (1 + (recompute_gathers if r["encoder"] else 0))
+               for r in st["records"] if r["over_data"])
+    reduce_scatter = sum(r["bytes"] // 4 * s * (data - 1) for r in st["records"] if r["over_data"])
+    all_reduce = sum(2 * ring_d * r["bytes"] // 4 * s for r in st["records"] if not r["over_data"])
+    b = batch // (data * grad_accum)
+    full = b * (cfg.num_patches + (cfg.head == "token")) * cfg.width * (model - 1) / model
+    # per layer: forward all-gather of the block input + reduce-scatter of the out-projection's
+    # partial sums; backward: all-gather of the output cotangent + reduce-scatter of the input
+    # cotangent; the recompute repeats the forward pair (nothing_saveable) or the gather (dots)
+    per_layer = full * s * (4 + {"nothing_saveable": 2, "dots_saveable": 1}.get(remat, 0))
+    d_bw, d_where = _bandwidth(hw, data, model)
+    m_bw, m_where = _bandwidth(hw, model, 1)
+    rows = [("fsdp_all_gather", "data", fsdp * grad_accum, d_bw, d_where),
+            ("grad_reduce_scatter", "data", reduce_scatter * grad_accum, d_bw, d_where),
+            ("grad_all_reduce", "data", all_reduce * grad_accum, d_bw, d_where),
+            ("model_activation_ag_rs", "model", per_layer * cfg.depth * grad_accum, m_bw, m_where)]
+    return [{"name": n, "axis": a, "bytes": float(by), "bandwidth": bw, "link": w,
+             "seconds": by / bw} for n, a, by, bw, w in rows if by > 0]
+
+
+def plan(cfg: ModelConfig, batch: int, data: int, model: int, hw: Hardware,
+         remat: str = "nothing_saveable", optimizer: str = "adafactor",
+         grad_accum: int = 1) -> dict[str, Any]:
+    """Memory, FLOPs, collectives and the predicted step time / MFU of one configuration."""
+    check(cfg, batch, data, model, grad_accum)
+    cfg = cfg.replace(remat=remat)
+    devices = data * model
+    f = flops_per_image(cfg)
+    useful = f["train"] * batch
+    recompute = f["encoder"] * batch if remat == "nothing_saveable" else 0
+    t_compute = (useful + recompute) / devices / hw.peak_flops
+    comm = collectives(cfg, batch, data, model, remat, optimizer, grad_accum, hw)
+    t_comm = sum(c["seconds"] for c in comm)
+    mem = memory(cfg, batch, data, model, remat, optimizer, grad_accum)
+    tokens = batch * (cfg.num_patches + (cfg.head == "token"))
+    out: dict[str, Any] = {
+        "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads,
+                   "mlp_dim": cfg.mlp_dim, "patch": cfg.patch_size, "image_size": cfg.image_size},
+        "batch": batch, "mesh": f"{data}x{model}", "devices": devices, "remat": remat,
+        "optimizer": optimizer, "grad_accum": grad_accum, "hardware": dataclasses.asdict(hw),
+        "memory_bytes": mem, "fits": mem["peak"] <= HEADROOM * hw.hbm_bytes,
+        "flops": {"useful": useful, "remat_recompute": recompute,
+                  "per_device": (useful + recompute) / devices},
+        "collectives": comm, "t_compute": t_compute, "t_comm": t_comm}
+    for mode, step in (("no_overlap", t_compute + t_comm), ("overlap", max(t_compute, t_comm))):
+        out[mode] = {"step_seconds": step, "mfu": useful / (step * hw.peak_flops * devices),
+                     "tokens_per_second_per_device": tokens / step / devices}
+    return out
+
+
+def search(cfg: ModelConfig, batch: int, devices: int, hw: Hardware, optimizer: str = "adafactor",
+           remats: tuple[str, ...] = REMATS) -> list[dict[str, Any]]:
+    """Every data x model mesh (model a power of two dividing heads, width and mlp_dim), remat
+    policy and power-of-two grad_accum (the smallest that fits) that fits in HBM with headroom,
+    best predicted MFU (with overlap, then without) first."""
+    found = []
+    m = 1
+    while m <= devices:
+        ok = devices % m == 0 and all(x % m == 0 for x in (cfg.num_heads, cfg.width, cfg.mlp_dim))
+        if ok and batch % (devices // m) == 0:
+            data = devices // m
+            for remat in remats:
+                accum = 1
+                while batch % (data * accum) == 0:
+                    p = plan(cfg, batch, data, m, hw, remat, optimizer, accum)
+                    if p["fits"]:
+                        found.append(p)
+                        break
+                    accum *= 2
+        m *= 2
+    # ties (compute-bound under overlap) go to the plan that loses least without overlap
+    return sorted(found, key=lambda p: (-round(p["overlap"]["mfu"], 4), -p["no_overlap"]["mfu"]))
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    mem, hw = p["memory_bytes"], p["hardware"]
+    lines = [f"{p['mesh']} mesh ({p['devices']} x {hw['name']}), batch {p['batch']}, remat "
+             f"{p['remat']}, {p['optimizer']}, grad_accum {p['grad_accum']}",
+             "memory per device (GiB):"]
+    for k in ("params", "opt_state", "inputs", "grads", "saved_activations", "working_activations",
+              "update_phase", "temp", "peak"):
+        lines.append(f"  {k:<20} {mem[k] / GiB:9.3f}")
+    lines.append(f"  HBM {hw['hbm_bytes'] / GiB:.1f} GiB: {'fits' if p['fits'] else 'DOES NOT FIT'}"
+                 f" (<= {HEADROOM:.0%})")
+    fl = p["flops"]
+    lines.append(f"FLOPs per step: useful {fl['useful']:.3e}, remat recompute "
+                 f"{fl['remat_recompute']:.3e}, per device {fl['per_device']:.3e}")
+    lines.append("collectives per step (bytes per device):")
+    for c in p["collectives"]:
+        lines.append(f"  {c['name']:<24} {c['axis']:<6} {c['bytes'] / GiB:9.3f} GiB  "
+                     f"{c['link']} {c['bandwidth'] / 1e9:.0f} GB/s  {c['seconds'] * 1e3:9.1f} ms")
+    lines.append(f"t_compute {p['t_compute'] * 1e3:.1f} ms, t_comm {p['t_comm'] * 1e3:.1f} ms")
+    for mode in ("no_overlap", "overlap"):
+        r = p[mode]
+        lines.append(f"{mode:<10}: step {r['step_seconds']:.3f} s, MFU {r['mfu']:.1%}, "
+                     f"{r['tokens_per_second_per_device']:,.0f} tokens/s/device")
+    return "\n".join(lines)
+
+
+def format_search(found: list[dict[str, Any]], top: int = 8) -> str:
+    if not found:
+        return "no plan fits"
+    lines = [f"{len(found)} plans fit; best by MFU (overlap):",
+             f"  {'mesh':>9} {'remat':<17} {'accum':>5} {'peak GiB':>9} {'MFU':>6} {'MFU no-ovl':>10} "
+             f"{'step s':>7} {'comm/comp':>9} {'tok/s/dev':>9}"]
+    for p in found[:top]:
+        lines.append(f"  {p['mesh']:>9} {p['remat']:<17} {p['grad_accum']:>5} "
+                     f"{p['memory_bytes']['peak'] / GiB:9.2f} {p['overlap']['mfu']:6.1%} "
+                     f"{p['no_overlap']['mfu']:10.1%} {p['overlap']['step_seconds']:7.3f} "
+                     f"{p['t_comm'] / p['t_compute']:9.2f} "
+                     f"{p['overlap']['tokens_per_second_per_device']:9,.0f}")
+    return "\n".join(lines)
+
+
+def _hardware(args: argparse.Namespace) -> Hardware:
+    hw = HARDWARE[args.hardware]
+    hbm = args.hbm_gib * GiB if args.hbm_gib else None
+    changes = {k: v for k, v in (("peak_flops", args.peak), ("hbm_bytes", hbm),
+                                 ("intra_bw", args.intra_bw), ("inter_bw", args.inter_bw),
+                                 ("node_size", args.node_size)) if v}
+    return dataclasses.replace(hw, **changes)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = preset(args.preset, image_size=args.image_size, num_classes=args.num_classes)
+    hw = _hardware(args)
+    if args.search:
+        found = search(cfg, args.batch, args.search, hw, args.optimizer)
+        if args.json:
+            print(json.dumps(found[: args.top], indent=2))
+        else:
+            print(f"{args.preset} batch {args.batch} on {args.search} x {hw.name}: ", end="")
+            print(format_search(found, args.top))
+        return 0
+    from vit22b.sharding import parse_mesh
+
+    try:
+        sizes = [int(x) for x in args.mesh.lower().split("x")]
+    except ValueError:
+        raise ConfigError(f"--mesh {args.mesh!r}: write DATAxMODEL, e.g. 256x16") from None
+    if -1 in sizes and not args.devices:
+        raise ConfigError(f"--mesh={args.mesh} fills from the device count: add --devices N")
+    devices = args.devices or math.prod(sizes)
+    data, model = parse_mesh(args.mesh, devices)
+    p = plan(cfg, args.batch, data, model, hw, args.remat, args.optimizer, args.grad_accum)
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    return 0
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `vit22b plan` on a cli's sub-parsers (sets its own `func`)."""
+    p = subparsers.add_parser("plan", help="per-device memory, collectives and predicted MFU of "
+                              "a preset on a mesh (analytic; --search finds the best mesh)")
+    p.add_argument("preset", help="e.g. 22B/14")
+    p.add_argument("--batch", type=int, default=65536, help="global batch (paper: 65,536)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--mesh", default="1x1", help="DATAxMODEL as for train (e.g. 256x16, or "
+                   "--mesh=-1x16 --devices 4096)")
+    p.add_argument("--devices", type=int, default=None, help="device count (needed with -1 in --mesh)")
+    p.add_argument("--remat", choices=REMATS, default="nothing_saveable")
+    p.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default="adafactor")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--hardware", choices=sorted(HARDWARE), default="tpuv4")
+    p.add_argument("--peak", type=float, default=None, help="override peak FLOP/s per device")
+    p.add_argument("--hbm-gib", type=float, default=None, help="override HBM per device")
+    p.add_argument("--intra-bw", type=float, default=None, help="override intra-node B/s")
+    p.add_argument("--inter-bw", type=float, default=None, help="override inter-node B/s")
+    p.add_argument("--node-size", type=int, default=None, help="override devices per node")
+    p.add_argument("--search", type=int, default=None, metavar="DEVICES",
+                   help="enumerate meshes, remat and grad_accum for DEVICES devices")
+    p.add_argument("--top", type=int, default=8, help="--search: how many plans to print")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    return p

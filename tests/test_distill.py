@@ -1,0 +1,127 @@
+"""Distillation: the KL loss, and a distilled student beating the same student on labels alone."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit22b.config import preset
+from vit22b.data import Split, load_digits_dataset
+from vit22b.model import init_model, split_params
+from vit22b.optim import make_optimizer
+from vit22b.tasks import distill as ds
+from vit22b.tasks.finetune import FinetuneError, fit, softmax_loss, transfer_optim
+from vit22b.train import evaluate, make_predict
+from vit22b.weights import save_model
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 5.0])
+def test_kl_value_and_gradient(t):
+    rng = np.random.default_rng(0)
+    s, te = rng.normal(size=(2, 4, 7)).astype(np.float32) * 3
+    p, q = _softmax(te / t), _softmax(s / t)
+    want = t**2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+    np.testing.assert_allclose(ds.kl_distill_loss(s, te, t), want, rtol=1e-5)
+    # d/ds [t^2 KL] = t (softmax(s/t) - softmax(te/t)) / batch: the student moves towards the
+    # teacher, with the t^2 factor keeping the gradient scale comparable across temperatures
+    g_s, g_t = jax.grad(ds.kl_distill_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(te), t)
+    np.testing.assert_allclose(g_s, t * (q - p) / 4, atol=1e-6)
+    assert not np.any(g_t)  # the teacher gets no gradient
+    stepped = s - 0.5 * np.asarray(g_s)
+    assert ds.kl_distill_loss(stepped, te, t) < ds.kl_distill_loss(s, te, t)
+
+
+def test_kl_is_zero_only_at_the_teacher():
+    te = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    assert abs(float(ds.kl_distill_loss(te, te, 2.0))) < 1e-6
+    assert abs(float(ds.kl_distill_loss(te + 7.0, te, 2.0))) < 1e-6  # softmax is shift-invariant
+    assert float(ds.kl_distill_loss(te[::-1], te, 2.0)) > 1e-3
+
+
+TEACHER_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_digits_dataset(16)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, digits16):
+    """nano/4 at 16 px trained 300 steps on digits (~93% val), in this module only."""
+    cfg = preset("nano/4", image_size=16, in_channels=1, num_classes=10, dtype_mm="float32")
+    graphdef, params = split_params(init_model(cfg, seed=0))
+    tx = make_optimizer(transfer_optim("adamw", 3e-3, warmup=15), params, TEACHER_STEPS)
+    params = fit(graphdef, params, softmax_loss(graphdef), tx,
+                 digits16.train_batches(64, seed=7), TEACHER_STEPS, progress=False)
+    path = tmp_path_factory.mktemp("teacher")
+    save_model(path, params, cfg)
+    return path, evaluate(make_predict(graphdef), params, digits16, 120)
+
+
+def test_teacher_must_fit_the_data(teacher):
+    with pytest.raises(FinetuneError, match="does not fit the data"):
+        ds.distill(teacher[0], "mu/4", load_digits_dataset(8), None, steps=1, progress=False)
+
+
+def few_shot(dataset, per_class: int):
+    """The first `per_class` train examples of each class (val unchanged)."""
+    idx = np.sort(np.concatenate([np.flatnonzero(dataset.train.labels == c)[:per_class]
+                                  for c in range(dataset.num_classes)]))
+    return dataclasses.replace(dataset, train=Split(dataset.train.labels[idx],
+                                                    images=dataset.train.images[idx]))
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_label_training(teacher, digits16):
+    """Same student (mu/4), steps, batch, lr, seed and batches; only the loss differs. The student
+    sees 5 labelled images per class without augmentation: on labels alone it memorises them,
+    matching the teacher's soft outputs on the same images generalises (Hinton et al. 2015).
+    (With full data + augmentation the two were within noise at 120-300 steps: see the report.)"""
+    path, teacher_acc = teacher
+    assert teacher_acc > 0.85
+    data = few_shot(digits16, 5)
+    gaps = []
+    for seed in (1, 2):
+        acc = {}
+        for label_weight in (0.0, 1.0):
+            r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32,
+                           label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
+                           seed=seed, augment=False, progress=False, teacher_accuracy=teacher_acc,
+                           student_overrides={"dtype_mm": "float32"})
+            acc[label_weight] = r["student_val_accuracy"]
+        gaps.append(acc[0.0] - acc[1.0])
+        assert acc[0.0] > acc[1.0] + 0.05, (seed, acc)  # measured ~0.67 vs ~0.51
+    assert np.mean(gaps) > 0.08, gaps
+
+
+def test_cli_subcommand(teacher, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    ds.add_parser(parser.add_subparsers())
+    out = tmp_path / "student"
+    args = parser.parse_args(["distill", "--teacher", str(teacher[0]), "--student-preset", "mu/4",
+                              "--data", "digits", "--workdir", str(out), "--steps", "3",
+                              "--batch-size", "16", "--temperature", "2", "--label-weight", "0.5",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    assert "student val accuracy" in capsys.readouterr().out
+    result = json.loads((out / "distill.json").read_text())
+    assert result["steps"] == 3 and result["temperature"] == 2.0 and result["label_weight"] == 0.5
+    assert result["teacher_val_accuracy"] == pytest.approx(teacher[1], abs=0.01)  # eval batch 16
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["width"], cfg["image_size"], cfg["num_classes"]) == (32, 16, 10)
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "classes.json",
+                                               "distill.json"}
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert any("train/kl" in line for line in lines)
