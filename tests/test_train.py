@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from vit22b import train as train_mod
@@ -143,3 +144,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_full_22b_train_state_shapes_abstractly():
+    """Params + Adafactor state of the 22B preset, sharded 4x2, shaped without allocating."""
+    cfg = TrainConfig(model=preset("22B/14", num_classes=1000), steps=10)
+    _, _, state, _ = init_state(cfg, make_mesh("4x2"), abstract=True)
+    params = sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    kernels = np.prod(state["params"]["encoder"]["in_kernel"].shape) + np.prod(
+        state["params"]["encoder"]["out_kernel"].shape)
+    assert kernels == 21_743_271_936 and params > kernels
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    assert state["params"]["encoder"]["in_kernel"].sharding.spec == P(None, "data", "model", None)

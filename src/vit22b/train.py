@@ -319,11 +319,15 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     except (KeyboardInterrupt, _StopRequestedError):
         bar.close()
         flush_metrics()  # raises (and nothing is saved) if a queued step was non-finite
-        checkpointer.save(step, state)
+        try:
+            checkpointer.save(step, state)
+            saved = f"checkpoint {step} saved"
+        except RuntimeError:  # interrupted inside the step call: its input state was donated
+            saved = f"the last checkpoint is step {checkpointer.latest_step()}"
         checkpointer.close()
         writer.close()
-        print(f"\ninterrupted at step {step}: checkpoint saved in {workdir}/checkpoints; run the "
-              "same command again to resume")
+        print(f"\ninterrupted at step {step}: {saved} in {workdir}/checkpoints; run the same "
+              "command again to resume")
         raise
     except TrainingError:
         bar.close()
