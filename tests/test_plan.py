@@ -106,7 +106,10 @@ def test_memory_close_to_xla_memory_analysis() -> None:
     cfg = preset("S/16", depth=2, image_size=64)
     args, temp = _xla_temp_and_args(cfg, 32, "4x2")
     planned = memory(cfg, 32, 4, 2)
-    assert planned["arguments"] == args  # params + optimizer state + batch: exact
+    # params + optimizer state + batch, exact up to XLA dropping unused arguments: Adafactor keeps a
+    # 4-byte placeholder v_row/v_col for each un-factored parameter that the step passes through
+    # untouched, and XLA leaves those out of argument_size_in_bytes.
+    assert 0 <= planned["arguments"] - args <= 8 * 64
     assert planned["temp"] == pytest.approx(temp, rel=0.25)
     assert planned["peak"] == pytest.approx(args + temp, rel=0.25)
 

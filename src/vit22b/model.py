@@ -10,6 +10,7 @@ dense heads and distillation read features by name and never edit the model.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -142,4 +143,4 @@ def logical_axes(model: ViT) -> Params:
 
 
 def count_params(params: Params) -> int:
-    return sum(int(jnp.size(a)) if hasattr(a, "size") else 0 for a in jax.tree.leaves(params))
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(params))
