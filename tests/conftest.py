@@ -73,3 +73,28 @@ def random_params() -> Callable[..., dict[str, Any]]:
 @pytest.fixture(scope="session")
 def forward() -> Callable[..., Callable[..., Any]]:
     return make_forward
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory):
+    """mu/4 at 8 px trained 30 steps on digits in a one-device subprocess, once per session; the
+    transfer-task tests (probe, few-shot, robustness) run on it."""
+    import subprocess
+    import sys
+
+    path = tmp_path_factory.getbasetemp() / "tasks_digits_ckpt"
+    if not (path / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size", "8",
+                        "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
+                       env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
+    return path
+
+
+def run_task(module, argv: list[str]) -> int:
+    """Run one vit22b.tasks sub-command as the CLI would: parse `argv`, call its func."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers())
+    args = parser.parse_args([module.__name__.rsplit(".", 1)[-1], *argv])
+    return args.func(args)

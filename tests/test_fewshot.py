@@ -2,33 +2,17 @@
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import run_task
 from vit22b.data import DataError
 from vit22b.tasks import fewshot, probe
 
 
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """mu/4 at 8 px trained 30 steps on digits, once per session (a shared path under basetemp)."""
-    path = tmp_path_factory.getbasetemp() / "tasks_digits_ckpt"
-    if not (path / "model.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size", "8",
-                        "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
-                       env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
-    return path
-
-
 def run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    fewshot.add_parser(p.add_subparsers())
-    args = p.parse_args(["fewshot", *argv])
-    return args.func(args)
+    return run_task(fewshot, argv)
 
 
 @pytest.mark.parametrize(("n", "d", "form"), [(200, 10, "primal"), (30, 50, "dual")])

@@ -1,37 +1,20 @@
 """`vit22b robustness`: ECE, temperature scaling, the image shifts, and the command."""
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy.special import softmax
 
+from conftest import run_task
 from vit22b.config import preset
 from vit22b.data import load_digits_dataset
 from vit22b.tasks import robustness
 from vit22b.weights import save_model
 
 
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """mu/4 at 8 px trained 30 steps on digits, once per session (a shared path under basetemp)."""
-    path = tmp_path_factory.getbasetemp() / "tasks_digits_ckpt"
-    if not (path / "model.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size", "8",
-                        "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
-                       env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
-    return path
-
-
 def run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    robustness.add_parser(p.add_subparsers())
-    args = p.parse_args(["robustness", *argv])
-    return args.func(args)
+    return run_task(robustness, argv)
 
 
 def _calibrated(n: int = 100_000, classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
