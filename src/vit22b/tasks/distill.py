@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ from vit22b.data import ImageDataset, load_dataset
 from vit22b.metrics import MetricsWriter
 from vit22b.model import abstract_model, apply, init_model, split_params
 from vit22b.optim import OptimConfig, make_optimizer
-from vit22b.tasks.finetune import FinetuneError, LossFn, fit, transfer_optim
+from vit22b.tasks.finetune import FinetuneError, LossFn, fit, transfer_optim, write_run
 from vit22b.train import classification_loss, evaluate, make_predict
-from vit22b.weights import fit_weights, read_weights, save_model
+from vit22b.weights import fit_weights, read_weights
 
 
 def kl_distill_loss(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -120,12 +119,7 @@ def distill(teacher_checkpoint: str | Path, student_preset: str, dataset: ImageD
         "optim": dataclasses.asdict(optim),
     }
     if workdir:
-        assert writer is not None
-        writer.write(steps, **{"eval/accuracy": accuracy})
-        writer.close()
-        save_model(workdir, params, cfg)
-        (Path(workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
-        (Path(workdir) / "distill.json").write_text(json.dumps(result, indent=2))
+        write_run(workdir, "distill", result, writer, accuracy, steps, params, cfg, dataset)
     return result
 
 

@@ -153,13 +153,18 @@ def finetune(checkpoint: str | Path, dataset: ImageDataset, workdir: str | Path 
         "train_examples": dataset.train_size, "val_examples": dataset.val_size,
     }
     if workdir:
-        assert writer is not None
-        writer.write(steps, **{"eval/accuracy": accuracy})
-        writer.close()
-        save_model(workdir, params, cfg)
-        (Path(workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
-        (Path(workdir) / "finetune.json").write_text(json.dumps(result, indent=2))
+        write_run(workdir, "finetune", result, writer, accuracy, steps, params, cfg, dataset)
     return result
+
+
+def write_run(workdir: str | Path, task: str, result: dict, writer: Any, accuracy: float, steps: int,
+              params: Any, cfg: Any, dataset: Any) -> None:
+    """A task's model directory: final metric, weights + config, class names, `<task>.json`."""
+    writer.write(steps, **{"eval/accuracy": accuracy})
+    writer.close()
+    save_model(workdir, params, cfg)
+    (Path(workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
+    (Path(workdir) / f"{task}.json").write_text(json.dumps(result, indent=2))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
