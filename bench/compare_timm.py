@@ -1,0 +1,398 @@
+"""vit22b vs timm, the same ViT-22B-style architecture, side by side in one run on one machine.
+
+    pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31    # benchmark-only extra
+    python bench/compare_timm.py --presets S/16 B/16 --batch-sizes 8 32 \
+        --out bench/results/compare_timm_cpu.json
+
+The architecture is ViT-22B's block at a small size: timm's `VisionTransformer(block_fn=
+ParallelScalingBlock(fuse_out_proj=True), qk_norm=True, qkv_bias=False, global_pool='map',
+class_token=False, norm_layer=RmsNorm, act_layer='gelu_tanh')` against `vit22b.config.preset(...)`
+with the paper's defaults (parallel block, fused projections, QK norm, MAP head, RMS norms). Before
+timing, timm's weights are converted (`vit22b.timm_convert`) and both forwards compared in f32,
+so the two really compute the same function (the max |logit difference| is in the JSON).
+
+Per (preset, batch, kind) every mode is built and warmed up first (compiles timed), then the
+modes are timed round-robin (`common.time_interleaved`): a noisy neighbour slows all alike, and the
+ratio vit22b-best / timm-best is measured side by side. Modes:
+  timm:   eager f32, torch.compile f32, eager bf16 autocast, torch.compile + bf16 autocast
+  vit22b: f32 matmuls, bf16-input/f32-accumulate matmuls (default); train also without remat
+kinds: `train` = forward + backward + AdamW update (lr 1e-4, wd 1e-4, clip 1.0, softmax CE, the
+same in both), `infer` = forward only (logits). img/s from the median step. Achieved TFLOP/s uses
+vit22b's analytic FLOPs (`flops.py`, 3x forward for train), the same count for both libraries;
+each library's matmul peak (bf16 and f32) is measured in the same run and MFU is reported against
+the best rate either library reaches on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import (
+    Row,
+    combine_peaks,
+    command_line,
+    default_peak_sizes,
+    hardware,
+    hardware_line,
+    loadavg,
+    markdown_table,
+    measure_peak,
+    peak_line,
+    time_interleaved,
+    write_json,
+)
+from vit22b.config import ModelConfig, preset
+from vit22b.flops import flops_per_image
+from vit22b.model import apply
+from vit22b.optim import OptimConfig
+from vit22b.train import TrainConfig, init_state, make_train_step
+
+try:
+    import timm
+    import torch
+    from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+except ImportError as e:  # a benchmark-only extra
+    raise SystemExit(
+        f"{e}: install the benchmark extra first: pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31"
+    ) from None
+
+TIMM_MODES = ("timm eager f32", "timm compile f32", "timm eager bf16", "timm compile bf16")
+OURS = {
+    "vit22b f32": {"dtype_mm": "float32"},
+    "vit22b bf16": {"dtype_mm": "bfloat16"},
+    "vit22b bf16 no-remat": {"dtype_mm": "bfloat16", "remat": "none"},
+}
+LR, WD, CLIP = 1e-4, 1e-4, 1.0
+
+
+def timm_model(cfg: ModelConfig) -> torch.nn.Module:
+    norm = timm.layers.RmsNorm if cfg.norm == "rms" else partial(timm.layers.LayerNorm, bias=False)
+    return VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_channels,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_dim / cfg.width,
+        block_fn=partial(ParallelScalingBlock, fuse_out_proj=True),
+        qkv_bias=cfg.qkv_bias,
+        qk_norm=cfg.qk_norm,
+        proj_bias=cfg.out_bias,
+        class_token=False,
+        no_embed_class=True,
+        global_pool="map",
+        final_norm=True,
+        fc_norm=False,
+        norm_layer=norm,
+        act_layer="gelu_tanh" if cfg.gelu_approximate else "gelu",
+    )
+
+
+def check_same_function(cfg: ModelConfig, model: torch.nn.Module, images: np.ndarray) -> float:
+    """timm weights -> vit22b; max |logits difference| / max |logits| in f32 on `images` (NHWC)."""
+    from vit22b.api import model_from_params
+    from vit22b.timm_convert import timm_to_flat
+    from vit22b.weights import unflatten
+
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    ours = model_from_params(cfg.replace(dtype_mm="float32"), unflatten(timm_to_flat(state, cfg)))
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    got = np.asarray(ours(jnp.asarray(images))[0])
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def timm_runner(cfg: ModelConfig, mode: str, kind: str, images: np.ndarray, labels: np.ndarray):
+    model = timm_model(cfg)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+    net = torch.compile(model) if "compile" in mode else model
+    bf16 = "bf16" in mode
+    if kind == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                net(x)
+
+        return infer
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+
+    def train() -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def vit22b_runner(cfg: ModelConfig, kind: str, images: np.ndarray, labels: np.ndarray):
+    tcfg = TrainConfig(
+        model=cfg,
+        batch_size=len(images),
+        loss="softmax",
+        progress=False,
+        optim=OptimConfig(
+            optimizer="adamw",
+            learning_rate=LR,
+            schedule="cosine",
+            warmup_steps=0,
+            weight_decay=WD / LR,
+            head_wd_mult=1.0,
+            grad_clip_norm=CLIP,
+            momentum_dtype="float32",
+        ),
+    )
+    graphdef, tx, state, _ = init_state(tcfg)
+    x, y = jnp.asarray(images), jnp.asarray(labels)
+    if kind == "infer":
+        forward = jax.jit(lambda params, x: apply(graphdef, params, x)[0])
+        params = state["params"]
+        return lambda: forward(params, x).block_until_ready()
+    step = make_train_step(graphdef, tx, tcfg)
+    holder = {"state": state}
+
+    def train() -> None:
+        holder["state"], metrics = step(holder["state"], {"image": x, "label": y})
+        jax.block_until_ready(metrics)
+
+    return train
+
+
+def torch_peak(sizes: list[int], repeats: int) -> dict[str, float]:
+    """torch's best n x n matmul TFLOP/s on this CPU, f32 and bf16."""
+    best = {}
+    for name, dtype in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
+        rates = []
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t0)
+            rates.append(2 * n**3 / statistics.median(times) / 1e12)
+        best[name] = max(rates)
+    return best
+
+
+def bench_one(
+    spec: str, image_size: int, batch: int, kind: str, modes: list[str], warmup: int, steps: int, check: bool
+) -> list[Row]:
+    cfg = preset(spec, image_size=image_size, num_classes=1000)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, image_size, image_size, cfg.in_channels), dtype=np.float32)
+    labels = rng.integers(0, cfg.num_classes, batch, dtype=np.int32)
+    head = {"preset": spec, "image_size": image_size, "batch": batch, "kind": kind}
+    if check:
+        torch.manual_seed(0)
+        head["max_rel_logit_diff_f32"] = check_same_function(cfg, timm_model(cfg), images[:2])
+        print(f"    same function: max |timm - vit22b| / max |logit| = {head['max_rel_logit_diff_f32']:.1e}")
+    runners, setup_s, errors = {}, {}, {}
+    for mode in modes:
+        if kind == "infer" and "no-remat" in mode:
+            continue  # remat only matters for the backward pass
+        t0 = time.perf_counter()
+        try:
+            torch.manual_seed(0)
+            run = (
+                timm_runner(cfg, mode, kind, images, labels)
+                if mode.startswith("timm")
+                else vit22b_runner(cfg.replace(**OURS[mode]), kind, images, labels)
+            )
+            for _ in range(warmup):  # the first call compiles (jit / torch.compile)
+                run()
+            runners[mode] = run
+        except Exception as e:  # e.g. no C++ compiler for torch.compile: record and go on
+            errors[mode] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"    {mode}: {errors[mode]}")
+        setup_s[mode] = time.perf_counter() - t0
+    times = time_interleaved(runners, steps)
+    flops = flops_per_image(cfg)["train" if kind == "train" else "forward"] * batch
+    rows = []
+    for mode in runners:
+        median = statistics.median(times[mode])
+        rows.append(
+            {
+                **head,
+                "mode": mode,
+                "library": mode.split()[0],
+                "step_ms_median": 1e3 * median,
+                "step_ms_all": [1e3 * t for t in times[mode]],
+                "img_per_s": batch / median,
+                "tflops": flops / median / 1e12,
+                "setup_and_warmup_s": setup_s[mode],
+            }
+        )
+    rows += [{**head, "mode": mode, "library": mode.split()[0], "error": err} for mode, err in errors.items()]
+    return rows
+
+
+def summarise(rows: list[Row]) -> list[Row]:
+    """Per (preset, batch, kind): each library's best mode and the ratio vit22b / timm."""
+    out = []
+    keys = sorted({(r["preset"], r["batch"], r["kind"]) for r in rows}, key=str)
+    for key in keys:
+        group = [r for r in rows if (r["preset"], r["batch"], r["kind"]) == key and "img_per_s" in r]
+        best = {
+            lib: max((r for r in group if r["library"] == lib), key=lambda r: r["img_per_s"], default=None)
+            for lib in ("timm", "vit22b")
+        }
+        if best["timm"] and best["vit22b"]:
+            out.append(
+                {
+                    "preset": key[0],
+                    "batch": key[1],
+                    "kind": key[2],
+                    "timm_best": best["timm"]["mode"],
+                    "timm_img_per_s": best["timm"]["img_per_s"],
+                    "vit22b_best": best["vit22b"]["mode"],
+                    "vit22b_img_per_s": best["vit22b"]["img_per_s"],
+                    "ratio": best["vit22b"]["img_per_s"] / best["timm"]["img_per_s"],
+                }
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["S/16", "B/16"])
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--kinds", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    ap.add_argument("--modes", nargs="+", default=[*TIMM_MODES, *OURS], choices=[*TIMM_MODES, *OURS])
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per mode (the first compiles)")
+    ap.add_argument("--steps", type=int, default=5, help="timed calls per mode, round-robin")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
+    ap.add_argument("--peak-sizes", nargs="+", type=int, default=None)
+    ap.add_argument("--out", default="bench/results/compare_timm_cpu.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = {
+        **hardware(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(
+        hardware_line(hw)
+        + f", torch {torch.__version__} ({hw['torch_threads']} threads), timm {timm.__version__}",
+        flush=True,
+    )
+    sizes = args.peak_sizes or default_peak_sizes()
+    peaks = {"jax": combine_peaks([measure_peak(sizes, 5)]), "torch": torch_peak(sizes, 5)}
+    print(
+        peak_line(peaks["jax"]["runs"][0]) + f"; torch f32 {peaks['torch']['torch_f32']:.3f}, "
+        f"bf16 {peaks['torch']['torch_bf16']:.3f}",
+        flush=True,
+    )
+    out, rows = Path(args.out), []
+    payload = {
+        "command": command_line("bench/compare_timm.py", argv),
+        "hardware": hw,
+        "peaks": peaks,
+        "rows": rows,
+        "warmup": args.warmup,
+        "steps": args.steps,
+    }
+
+    def best_peak() -> float:
+        return max(*peaks["jax"]["best_tflops"].values(), *peaks["torch"].values())
+
+    for spec in args.presets:
+        for batch in args.batch_sizes:
+            for kind in args.kinds:
+                print(f"  {spec} batch {batch} {kind}", flush=True)
+                new = bench_one(
+                    spec,
+                    args.image_size,
+                    batch,
+                    kind,
+                    args.modes,
+                    args.warmup,
+                    args.steps,
+                    check=batch == args.batch_sizes[0] and kind == args.kinds[0],
+                )
+                for r in new:
+                    if "tflops" in r:
+                        r["mfu_vs_best_peak"] = r["tflops"] / best_peak()
+                        print(
+                            f"    {r['mode']:22s} {r['step_ms_median']:9.1f} ms  {r['img_per_s']:7.2f} img/s"
+                            f"  {r['tflops']:.3f} TFLOP/s",
+                            flush=True,
+                        )
+                rows += new
+                payload.update(
+                    summary=summarise(rows), loadavg_at_end=loadavg(), best_peak_tflops=best_peak()
+                )
+                write_json(out, payload)  # after every group: an interrupted run keeps what it measured
+                gc.collect()
+                jax.clear_caches()
+                torch._dynamo.reset()
+
+    print(
+        "\n"
+        + markdown_table(
+            ["preset", "batch", "kind", "mode", "step ms", "img/s", "TFLOP/s", "MFU vs best peak"],
+            [
+                [
+                    r["preset"],
+                    r["batch"],
+                    r["kind"],
+                    r["mode"],
+                    f"{r['step_ms_median']:.1f}",
+                    f"{r['img_per_s']:.2f}",
+                    f"{r['tflops']:.3f}",
+                    f"{100 * r['mfu_vs_best_peak']:.1f}%",
+                ]
+                for r in rows
+                if "tflops" in r
+            ],
+        )
+    )
+    print(
+        "\n"
+        + markdown_table(
+            ["preset", "batch", "kind", "timm best", "img/s", "vit22b best", "img/s", "vit22b / timm"],
+            [
+                [
+                    s["preset"],
+                    s["batch"],
+                    s["kind"],
+                    s["timm_best"],
+                    f"{s['timm_img_per_s']:.2f}",
+                    s["vit22b_best"],
+                    f"{s['vit22b_img_per_s']:.2f}",
+                    f"{s['ratio']:.2f}x",
+                ]
+                for s in payload["summary"]
+            ],
+        )
+    )
+    print(
+        f"\nbest matmul peak on this machine: {best_peak():.3f} TFLOP/s "
+        f"(jax bf16->f32 {peaks['jax']['peak_tflops']:.3f}, torch bf16 {peaks['torch']['torch_bf16']:.3f}); "
+        f"JSON: {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
