@@ -72,6 +72,12 @@ OURS = {
     "vit22b bf16 no-remat": {"dtype_mm": "bfloat16", "remat": "none"},
 }
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
+DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def timm_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -114,17 +120,18 @@ def check_same_function(cfg: ModelConfig, model: torch.nn.Module, images: np.nda
 
 
 def timm_runner(cfg: ModelConfig, mode: str, kind: str, images: np.ndarray, labels: np.ndarray):
-    model = timm_model(cfg)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous()
-    y = torch.from_numpy(labels.astype(np.int64))
+    model = timm_model(cfg).to(DEVICE)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous().to(DEVICE)
+    y = torch.from_numpy(labels.astype(np.int64)).to(DEVICE)
     net = torch.compile(model) if "compile" in mode else model
     bf16 = "bf16" in mode
     if kind == "infer":
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), torch.autocast(DEVICE, torch.bfloat16, enabled=bf16):
                 net(x)
+            sync()
 
         return infer
 
@@ -132,12 +139,13 @@ def timm_runner(cfg: ModelConfig, mode: str, kind: str, images: np.ndarray, labe
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
 
     def train() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE, torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
 
     return train
 
@@ -176,17 +184,19 @@ def vit22b_runner(cfg: ModelConfig, kind: str, images: np.ndarray, labels: np.nd
 
 
 def torch_peak(sizes: list[int], repeats: int) -> dict[str, float]:
-    """torch's best n x n matmul TFLOP/s on this CPU, f32 and bf16."""
+    """torch's best n x n matmul TFLOP/s on DEVICE, f32 and bf16."""
     best = {}
     for name, dtype in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
         rates = []
         for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
             a @ b
+            sync()
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 a @ b
+                sync()
                 times.append(time.perf_counter() - t0)
             rates.append(2 * n**3 / statistics.median(times) / 1e12)
         best[name] = max(rates)
@@ -282,8 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed calls per mode, round-robin")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
     ap.add_argument("--peak-sizes", nargs="+", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch's device")
     ap.add_argument("--out", default="bench/results/compare_timm_cpu.json")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     hw = {

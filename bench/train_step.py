@@ -20,8 +20,6 @@ import argparse
 import gc
 import itertools
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,83 +28,50 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from common import Row, combine_peaks, hardware, loadavg, measure_peak, peak_line
 from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.flops import flops_per_image
 from vit22b.optim import OptimConfig
 from vit22b.sharding import check_divisibility, make_mesh
 from vit22b.train import TrainConfig, init_state, make_train_step, to_global
 
-Row = dict[str, Any]
-# Matmul forms timed for the peak: (name, input dtype, preferred_element_type).
-PEAK_FORMS = [("bf16_f32acc", jnp.bfloat16, jnp.float32), ("f32", jnp.float32, None),
-              ("bf16_bf16out", jnp.bfloat16, None)]
 
-
-def loadavg() -> tuple[float, ...] | None:
-    """1/5/15-minute load average: on a shared machine, how busy the neighbours were."""
-    return os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def hardware() -> dict[str, Any]:
-    dev, cpuinfo = jax.devices()[0], Path("/proc/cpuinfo")
-    models = [ln.split(":", 1)[1].strip() for ln in (cpuinfo.read_text() if cpuinfo.exists() else "")
-              .splitlines() if ln.startswith("model name")]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpu_model": models[0] if models else platform.processor(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_at_start": loadavg()}
-
-
-def measure_peak(sizes: list[int], repeats: int, warmup: int = 2) -> dict[str, Any]:
-    """TFLOP/s of jitted n x n @ n x n per form and size (median of `repeats`); best size per form."""
-    result: dict[str, Any] = {"sizes": sizes, "repeats": repeats}
-    for name, dtype, acc in PEAK_FORMS:
-        mm = jax.jit(lambda a, b, acc=acc: jnp.matmul(a, b, preferred_element_type=acc))
-        rates = {}
-        for n in sizes:
-            a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(dtype)
-                    for k in jax.random.split(jax.random.key(n)))
-            times = []
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(mm(a, b))
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-            rates[n] = 2 * n**3 / statistics.median(times) / 1e12
-            del a, b
-        best = max(rates, key=rates.__getitem__)
-        result[name] = {"tflops_by_size": rates, "best_tflops": rates[best], "best_size": best}
-    return result
-
-
-def combine_peaks(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each form's best over the runs; `peak_tflops` (bf16 in, f32 accumulate) is MFU's divisor."""
-    best = {name: max(r[name]["best_tflops"] for r in runs) for name, _, _ in PEAK_FORMS}
-    return {"runs": runs, "best_tflops": best, "peak_tflops": best["bf16_f32acc"]}
-
-
-def model_config(spec: str, dtype: str) -> ModelConfig:
+def model_config(spec: str, dtype: str, remat: str = "nothing_saveable") -> ModelConfig:
     """'S/16:224' -> preset S/16 at image size 224 (without ':SIZE', the config's default)."""
     name, _, image = spec.partition(":")
-    return preset(name, dtype_mm=dtype, **({"image_size": int(image)} if image else {}))
+    return preset(name, dtype_mm=dtype, remat=remat, **({"image_size": int(image)} if image else {}))
 
 
-def bench_config(spec: str, batch: int, dtype: str, steps: int, warmup: int, mesh_spec: str) -> Row:
-    model = model_config(spec, dtype)
-    cfg = TrainConfig(model=model, optim=OptimConfig(), steps=warmup + steps, batch_size=batch,
-                      mesh=mesh_spec, progress=False)
+def bench_config(
+    spec: str,
+    batch: int,
+    dtype: str,
+    steps: int,
+    warmup: int,
+    mesh_spec: str,
+    remat: str = "nothing_saveable",
+) -> Row:
+    model = model_config(spec, dtype, remat)
+    cfg = TrainConfig(
+        model=model,
+        optim=OptimConfig(),
+        steps=warmup + steps,
+        batch_size=batch,
+        mesh=mesh_spec,
+        progress=False,
+    )
     mesh = make_mesh(cfg.mesh)
     check_divisibility(cfg.model, cfg.batch_size, mesh)
     graphdef, tx, state, shardings = init_state(cfg, mesh)
     train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
     rng = np.random.default_rng(0)
     shape = (batch, model.image_size, model.image_size, model.in_channels)
-    host_batch = {"image": rng.standard_normal(shape, dtype=np.float32),
-                  "label": rng.integers(0, max(model.num_classes, 1), (batch,), dtype=np.int32)}
+    host_batch = {
+        "image": rng.standard_normal(shape, dtype=np.float32),
+        "label": rng.integers(0, max(model.num_classes, 1), (batch,), dtype=np.int32),
+    }
 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # lower + compile; fills the jit cache that the calls below hit
@@ -121,21 +86,36 @@ def bench_config(spec: str, batch: int, dtype: str, steps: int, warmup: int, mes
         times.append(time.perf_counter() - t0)
     first_call_s, times = times[0], times[warmup:]
     median, flops = statistics.median(times), flops_per_image(model)["train"]
-    row = {"preset": spec.partition(":")[0], "image_size": model.image_size, "batch": batch,
-           "dtype_mm": dtype, "num_patches": model.num_patches, "devices": mesh.size,
-           "params": sum(x.size for x in jax.tree.leaves(state["params"])),
-           "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(times),
-           "step_ms_max": 1e3 * max(times), "step_ms_all": [1e3 * t for t in times],
-           "img_per_s": batch / median, "tokens_per_s": batch / median * model.num_patches,
-           "train_flops_per_image": flops, "tflops": flops * batch / median / 1e12,
-           "compile_s": compile_s, "first_call_s": first_call_s,
-           "final_loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
+    row = {
+        "preset": spec.partition(":")[0],
+        "image_size": model.image_size,
+        "batch": batch,
+        "dtype_mm": dtype,
+        "remat": remat,
+        "num_patches": model.num_patches,
+        "devices": mesh.size,
+        "params": sum(x.size for x in jax.tree.leaves(state["params"])),
+        "step_ms_median": 1e3 * median,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "step_ms_all": [1e3 * t for t in times],
+        "img_per_s": batch / median,
+        "tokens_per_s": batch / median * model.num_patches,
+        "train_flops_per_image": flops,
+        "tflops": flops * batch / median / 1e12,
+        "compile_s": compile_s,
+        "first_call_s": first_call_s,
+        "final_loss": float(metrics["loss"]),
+        "finite": bool(metrics["finite"]),
+    }
     del state, metrics
     return row
 
 
-def add_mfu(rows: list[Row], peak: dict[str, Any]) -> None:
+def add_mfu(rows: list[Row], peak: dict[str, Any], spec_peak: float | None = None) -> None:
     for r in rows:
+        if "tflops" in r and spec_peak:
+            r["mfu_vs_spec_peak"] = r["tflops"] / (r["devices"] * spec_peak)
         if "tflops" in r:
             r["mfu"] = r["tflops"] / (r["devices"] * peak["peak_tflops"])  # peak is per device
             r["mfu_vs_f32_peak"] = r["tflops"] / (r["devices"] * peak["best_tflops"]["f32"])
@@ -143,38 +123,82 @@ def add_mfu(rows: list[Row], peak: dict[str, Any]) -> None:
 
 def format_table(rows: list[Row]) -> str:
     def cells(r: Row) -> list[str]:
-        head = [r["preset"], str(r["image_size"]), str(r["batch"]), r["dtype_mm"]]
+        head = [r["preset"], str(r["image_size"]), str(r["batch"]), r["dtype_mm"], r.get("remat", "")]
         if "error" in r:
-            return [*head, "error: " + r["error"][:60], *[""] * 7]
+            return [*head, "error: " + r["error"][:60], *[""] * 8]
         ms = (f"{r[k]:.1f}" for k in ("step_ms_median", "step_ms_min", "step_ms_max", "img_per_s"))
-        return [*head, *ms, f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", f"{100 * r['mfu']:.1f}",
-                f"{r['compile_s']:.1f}"]
+        return [
+            *head,
+            *ms,
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tflops']:.3f}",
+            f"{100 * r['mfu']:.1f}",
+            f"{100 * r['mfu_vs_spec_peak']:.1f}" if "mfu_vs_spec_peak" in r else "-",
+            f"{r['compile_s']:.1f}",
+        ]
 
-    lines = [["preset", "image", "batch", "dtype", "step ms", "min", "max", "img/s", "tokens/s", "TFLOP/s",
-              "MFU %", "compile s"], *map(cells, rows)]
+    lines = [
+        [
+            "preset",
+            "image",
+            "batch",
+            "dtype",
+            "remat",
+            "step ms",
+            "min",
+            "max",
+            "img/s",
+            "tokens/s",
+            "TFLOP/s",
+            "MFU %",
+            "MFU % vs spec",
+            "compile s",
+        ],
+        *map(cells, rows),
+    ]
     widths = [max(len(ln[i]) for ln in lines) for i in range(len(lines[0]))]
     text = ["| " + " | ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)) + " |" for ln in lines]
     return "\n".join([text[0], "|" + "|".join("-" * (w + 2) for w in widths) + "|", *text[1:]])
 
 
-def peak_line(run: dict[str, Any]) -> str:
-    forms = ", ".join(f"{name} {run[name]['best_tflops']:.3f} (n={run[name]['best_size']})"
-                      for name, _, _ in PEAK_FORMS)
-    return f"peak matmul TFLOP/s, best of sizes {run['sizes']}: {forms}"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["nano/4:16", "S/16:224"],
-                    help="PRESET[:IMAGE_SIZE], e.g. S/16:224 (the image size defaults to 224)")
+    ap.add_argument(
+        "--presets",
+        nargs="+",
+        default=["nano/4:16", "S/16:224"],
+        help="PRESET[:IMAGE_SIZE], e.g. S/16:224 (the image size defaults to 224)",
+    )
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32], help="global batch sizes")
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                    choices=["bfloat16", "float32", "float16"], help="the model's dtype_mm")
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["bfloat16", "float32"],
+        choices=["bfloat16", "float32", "float16"],
+        help="the model's dtype_mm",
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per config")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument(
+        "--remats",
+        nargs="+",
+        default=["nothing_saveable"],
+        help="remat policies to try (a jax.checkpoint_policies name, or none)",
+    )
+    ap.add_argument(
+        "--spec-peak-tflops",
+        type=float,
+        default=None,
+        help="the chip's datasheet dense bf16 peak per device (H200: 989): MFU against it too",
+    )
     ap.add_argument("--mesh", default="-1x1", help="DATAxMODEL over all devices, as `vit22b train`")
-    ap.add_argument("--peak-sizes", nargs="+", type=int, default=None,
-                    help="square matmul sizes (default: 1024 2048 4096 on CPU, 4096 8192 16384 else)")
+    ap.add_argument(
+        "--peak-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="square matmul sizes (default: 1024 2048 4096 on CPU, 4096 8192 16384 else)",
+    )
     ap.add_argument("--peak-repeats", type=int, default=5)
     ap.add_argument("--out", help="JSON path (default bench/results/train_step_<platform>.json)")
     args = ap.parse_args(argv)
@@ -189,8 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or f"bench/results/train_step_{hw['platform']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", *(sys.argv if argv is None else ["bench/train_step.py", *argv])])
-    print(f"{hw['device_kind']} x{hw['device_count']} ({hw['platform']}; {hw['cpu_count']} CPUs, "
-          f"{hw['cpu_model']}), jax {hw['jax']}, load {hw['loadavg_at_start']}", flush=True)
+    print(
+        f"{hw['device_kind']} x{hw['device_count']} ({hw['platform']}; {hw['cpu_count']} CPUs, "
+        f"{hw['cpu_model']}), jax {hw['jax']}, load {hw['loadavg_at_start']}",
+        flush=True,
+    )
     sizes = args.peak_sizes or ([1024, 2048, 4096] if hw["platform"] == "cpu" else [4096, 8192, 16384])
     peak_runs = [measure_peak(sizes, args.peak_repeats)]
     print(peak_line(peak_runs[0]), flush=True)
@@ -198,19 +225,38 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
 
     def save() -> None:  # after every row as well: an interrupted run keeps what it measured
-        add_mfu(rows, peak)
-        out.write_text(json.dumps({"command": command, "hardware": hw, "peak": peak, "rows": rows,
-                                   "steps": args.steps, "warmup": args.warmup,
-                                   "loadavg_at_end": loadavg()}, indent=2))
+        add_mfu(rows, peak, args.spec_peak_tflops)
+        out.write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "hardware": hw,
+                    "peak": peak,
+                    "rows": rows,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "loadavg_at_end": loadavg(),
+                },
+                indent=2,
+            )
+        )
 
-    for spec, batch, dtype in itertools.product(args.presets, args.batch_sizes, args.dtypes):
-        print(f"  {spec} batch {batch} {dtype} ...", end=" ", flush=True)
+    for spec, batch, dtype, remat in itertools.product(
+        args.presets, args.batch_sizes, args.dtypes, args.remats
+    ):
+        print(f"  {spec} batch {batch} {dtype} remat {remat} ...", end=" ", flush=True)
         try:
-            row = bench_config(spec, batch, dtype, args.steps, args.warmup, args.mesh)
+            row = bench_config(spec, batch, dtype, args.steps, args.warmup, args.mesh, remat)
             print(f"{row['step_ms_median']:.1f} ms, {row['tflops']:.3f} TFLOP/s", flush=True)
         except Exception as e:  # e.g. out of memory: record it and go on
-            row = {"preset": spec.partition(":")[0], "image_size": images[spec], "batch": batch,
-                   "dtype_mm": dtype, "error": f"{type(e).__name__}: {e}"}
+            row = {
+                "preset": spec.partition(":")[0],
+                "image_size": images[spec],
+                "batch": batch,
+                "dtype_mm": dtype,
+                "remat": remat,
+                "error": f"{type(e).__name__}: {e}",
+            }
             print(row["error"][:200], flush=True)
         gc.collect()
         jax.clear_caches()  # drop this config's executables before the next
