@@ -1,0 +1,413 @@
+"""`vit22b video`: video classification with a small temporal model on frozen per-frame features.
+
+Protocol (the ViT-22B paper's video evaluation, vit22b-facts.md section 3, [MEM]: Kinetics-400 and
+Moments in Time, the 22B model frozen as a per-frame encoder, a small temporal model trained on top,
+ViViT factorised-encoder style):
+
+1. Every clip is T uniformly sampled frames (video_data.py). Each frame goes through the frozen
+   checkpoint once (eval preprocessing, no augmentation): `pre_logits` -> [clips, T, D], or token
+   features (`encoded`, `stem`, `block_i`) -> [clips, T, P, D]; `<name>-mean` (mean over tokens)
+   also works. The features are standardised per dimension with the train statistics.
+2. A temporal head is trained on them with softmax cross-entropy, AdamW (weight decay on matrices
+   only), linear warm-up (5%) + cosine decay, random minibatches without replacement:
+   - `mean`: average over time (and tokens) + a linear classifier (temporal average pooling; blind
+     to frame order by construction);
+   - `concat`: a linear classifier on the concatenated frames (order-aware, no weight sharing);
+   - `transformer`: a linear embedding to `--head-width`, learned temporal position embedding
+     (token features: each frame's grid embedded as one token, or `--tokens joint`: every token
+     embedded, + a learned spatial position embedding, attended jointly), `--head-depth`
+     pre-LN blocks (MHSA + GELU MLP), a final LayerNorm, a CLS token (ViViT) or MAP pooling
+     (big_vision MAPHead: probe attends, then x + MLP(LN(x))), and a linear classifier.
+   Classifiers are zero-initialised (big_vision).
+3. Top-1 on val and train is reported per head (several heads can share one feature pass:
+   `--head mean,transformer`); on the generated clips also top-1 "up to reversal" (right = left,
+   down = up). Mean pooling can do well on that, but it cannot tell a clip from its reversal, so
+   on exact top-1 it can be right on at most half of each reversed pair of classes.
+
+    vit22b video --checkpoint workdirs/digits --head mean,transformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from vit22b.features import feature_fn
+from vit22b.model import ViT
+from vit22b.tasks import probe
+from vit22b.tasks.video_data import (
+    ClipDataset,
+    clip_features,
+    load_clip_folder,
+    load_frozen,
+    load_moving_digits,
+    standardise,
+)
+
+HEADS = ("mean", "concat", "transformer")
+Rng = np.random.Generator
+
+
+# ----------------------------------------------------------------------------- temporal heads
+# Layers are initialised from a numpy Generator: jax's per-shape RNG kernels cost seconds of XLA
+# compilation on CPU, more than training a head this size. Inits follow big_vision / scenic:
+# xavier-uniform kernels, zero biases, posemb normal(0.02), zero classifier.
+def _xavier(rng: Rng, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jnp.asarray(rng.uniform(-limit, limit, shape), jnp.float32)
+
+
+class Dense(nnx.Module):
+    """x @ kernel + bias, kernel [in, out] xavier-uniform (or zeros)."""
+
+    def __init__(self, rng: Rng, fan_in: int, fan_out: int, *, zero: bool = False):
+        self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero
+                                else _xavier(rng, fan_in, fan_out, (fan_in, fan_out)))
+        self.bias = nnx.Param(jnp.zeros((fan_out,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...] + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, width: int):
+        self.scale, self.bias = nnx.Param(jnp.ones((width,))), nnx.Param(jnp.zeros((width,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
+
+
+class Attention(nnx.Module):
+    """Multi-head dot-product attention: softmax(q k^T / sqrt(d_head)) v, q from `xq`, k and v from
+    `xkv`, then an output projection (flax MultiHeadDotProductAttention's layout, biases on)."""
+
+    def __init__(self, rng: Rng, width: int, num_heads: int):
+        self.num_heads = num_heads
+        self.q, self.kv = Dense(rng, width, width), Dense(rng, width, 2 * width)
+        self.out = Dense(rng, width, width)
+
+    def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
+        def heads(t: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, H, W/H]
+            return t.reshape(*t.shape[:2], self.num_heads, -1)
+
+        q = heads(self.q(xq))
+        k, v = (heads(t) for t in jnp.split(self.kv(xkv), 2, axis=-1))
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
+        return self.out(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(*xq.shape[:2], -1))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, rng: Rng, width: int, mlp_dim: int):
+        self.fc1, self.fc2 = Dense(rng, width, mlp_dim), Dense(rng, mlp_dim, width)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-LN encoder block: x + MHSA(LN(x)), then + MLP(LN(x))."""
+
+    def __init__(self, rng: Rng, width: int, num_heads: int, mlp_dim: int):
+        self.ln1, self.ln2 = LayerNorm(width), LayerNorm(width)
+        self.attn = Attention(rng, width, num_heads)
+        self.mlp = Mlp(rng, width, mlp_dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.ln1(x)
+        x = x + self.attn(y, y)
+        return x + self.mlp(self.ln2(x))
+
+
+class MeanHead(nnx.Module):
+    """logits = mean_{t(,p)} x[b, t, (p,) :] @ W + b."""
+
+    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
+        self.classifier = Dense(rng, feat_shape[-1], num_classes, zero=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] or [B, T, P, D] -> [B, C]
+        return self.classifier(x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1))
+
+
+class ConcatHead(nnx.Module):
+    """logits = flatten(x)[b] @ W + b: a separate weight per frame, so order matters."""
+
+    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
+        self.classifier = Dense(rng, math.prod(feat_shape), num_classes, zero=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.classifier(x.reshape(x.shape[0], -1))
+
+
+class TransformerHead(nnx.Module):
+    """A small temporal transformer over [B, T, D] or [B, T, P, D] (per-frame or joint tokens)."""
+
+    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int, *, width: int = 64,
+                 depth: int = 1, num_heads: int = 4, mlp_dim: int | None = None, pool: str = "cls",
+                 tokens: str = "frame"):
+        if pool not in ("cls", "map"):
+            raise ValueError(f"--pool {pool!r}: use 'cls' or 'map'")
+        if tokens not in ("frame", "joint"):
+            raise ValueError(f"--tokens {tokens!r}: use 'frame' or 'joint'")
+        if width % num_heads:
+            raise ValueError(f"--head-width {width} is not a multiple of --head-heads {num_heads}")
+        T, D = feat_shape[0], feat_shape[-1]
+        mlp_dim = mlp_dim or 4 * width
+        self.pool = pool
+        # Token features [T, P, D]: "frame" embeds each frame's whole token grid (P*D -> W, keeps
+        # where things are) and attends over T frame tokens; "joint" embeds every token and
+        # attends over all T*P with a learned spatial posemb beside the temporal one.
+        self.flatten = len(feat_shape) == 3 and tokens == "frame"
+        self.embed = Dense(rng, feat_shape[1] * D if self.flatten else D, width)
+        self.time_pos = nnx.Param(jnp.asarray(0.02 * rng.standard_normal((T, width)), jnp.float32))
+        self.space_pos = (nnx.Param(jnp.asarray(0.02 * rng.standard_normal((feat_shape[1], width)),
+                                                jnp.float32))
+                          if len(feat_shape) == 3 and not self.flatten else None)
+        self.cls = nnx.Param(jnp.zeros((1, width))) if pool == "cls" else None  # ViViT/scenic
+        self.blocks = nnx.List([Block(rng, width, num_heads, mlp_dim) for _ in range(depth)])
+        self.norm = LayerNorm(width)
+        if pool == "map":
+            self.probe = nnx.Param(_xavier(rng, 1, width, (1, width)))
+            self.map_attn = Attention(rng, width, num_heads)
+            self.map_ln = LayerNorm(width)
+            self.map_mlp = Mlp(rng, width, mlp_dim)
+        self.classifier = Dense(rng, width, num_classes, zero=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B = x.shape[0]
+        h = self.embed(x.reshape(*x.shape[:2], -1) if self.flatten else x)  # [B, T, (P,) W]
+        if self.space_pos is not None:
+            h = h + self.time_pos[...][:, None] + self.space_pos[...][None]
+        else:
+            h = h + self.time_pos[...]
+        h = h.reshape(B, -1, h.shape[-1])  # [B, L, W], L = T or T*P (time-major)
+        if self.cls is not None:
+            h = jnp.concatenate([jnp.broadcast_to(self.cls[...], (B, 1, h.shape[-1])), h], axis=1)
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        if self.pool == "cls":
+            pooled = h[:, 0]
+        else:  # MAP: the probe attends over all tokens (no residual), then a residual MLP
+            y = self.map_attn(jnp.broadcast_to(self.probe[...], (B, 1, h.shape[-1])), h)
+            pooled = (y + self.map_mlp(self.map_ln(y)))[:, 0]
+        return self.classifier(pooled)
+
+
+def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed: int = 0,
+              **transformer: Any) -> nnx.Module:
+    """A head by name (`HEADS`); `transformer` kwargs: width, depth, num_heads, mlp_dim, pool, tokens."""
+    rng = np.random.default_rng(seed)
+    if kind == "mean":
+        return MeanHead(rng, feat_shape, num_classes)
+    if kind == "concat":
+        return ConcatHead(rng, feat_shape, num_classes)
+    if kind == "transformer":
+        return TransformerHead(rng, feat_shape, num_classes, **transformer)
+    raise ValueError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
+
+
+# ----------------------------------------------------------------------------- training
+def train_head(head: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 500,
+               batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-4, seed: int = 0,
+               progress: bool = True, desc: str = "head", chunk: int = 50) -> tuple[nnx.Module, float]:
+    """Train `head` on features x [N, ...] / labels y [N]; returns (trained head, last loss).
+
+    Steps run inside jitted lax.scan chunks of `chunk` steps (the progress bar moves per chunk);
+    step s draws batch_size distinct examples with the key fold_in(key(seed), s)."""
+    graphdef, params = nnx.split(head)
+    warmup = max(1, steps // 20)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.adamw(sched, weight_decay=wd, mask=decay_mask)
+    opt = tx.init(params)
+    xs, ys = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+    n, b = len(y), min(batch_size, len(y))
+    key = jax.random.key(seed)
+
+    def loss_fn(p: Any, xb: jax.Array, yb: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(xb), yb).mean()
+
+    @partial(jax.jit, static_argnums=5)
+    def run(p: Any, opt: Any, xs: jax.Array, ys: jax.Array, first: jax.Array, length: int):
+        def step(carry: Any, s: jax.Array) -> tuple[Any, jax.Array]:
+            p, opt = carry
+            idx = jax.random.choice(jax.random.fold_in(key, s), n, (b,), replace=False)
+            loss, grads = jax.value_and_grad(loss_fn)(p, xs[idx], ys[idx])
+            updates, opt = tx.update(grads, opt, p)
+            return (optax.apply_updates(p, updates), opt), loss
+
+        (p, opt), losses = jax.lax.scan(step, (p, opt), first + jnp.arange(length))
+        return p, opt, losses[-1]
+
+    loss = float("nan")
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        for first in range(0, steps, chunk):
+            length = min(chunk, steps - first)
+            params, opt, last = run(params, opt, xs, ys, jnp.asarray(first), length)
+            loss = float(last)
+            if not np.isfinite(loss):
+                raise ValueError(f"non-finite loss at step {first + length}: lower --lr")
+            bar.update(length)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    return nnx.merge(graphdef, params), loss
+
+
+def predict(head: nnx.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Logits [N, C] in batches (the last one padded, so one compiled shape)."""
+    graphdef, params = nnx.split(head)
+    fwd = jax.jit(lambda p, xb: nnx.merge(graphdef, p)(xb))
+    b = min(batch_size, len(x))
+    out = []
+    for i in range(0, len(x), b):
+        xb = x[i:i + b]
+        pad = np.zeros((b - len(xb), *x.shape[1:]), np.float32)
+        out.append(np.asarray(fwd(params, np.concatenate([xb, pad])))[:len(xb)])
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- features
+def frame_fn(model: ViT, name: str) -> Any:
+    """Jitted frames [B, S, S, C] -> [B, D] (pre_logits, <x>-mean) or [B, P, D] (token features)."""
+    if name == "pre_logits" or name.endswith("-mean"):
+        return probe.batch_fn(model, name)
+    try:  # a token intermediate is valid exactly when its token mean is
+        base, _, layers = probe.parse_feature(model, name + "-mean")
+    except ValueError:
+        raise ValueError(f"--feature {name!r} is not one this model produces: use pre_logits, a token "
+                         f"feature ({', '.join(probe.TOKEN_FEATURES)}, block_0..block_"
+                         f"{model.cfg.depth - 1}) or its mean over tokens (<name>-mean)") from None
+    return feature_fn(model, base, layers)
+
+
+# ----------------------------------------------------------------------------- the command
+def _reversal_free(labels: np.ndarray) -> np.ndarray:
+    """Generated-clip label -> (group, axis): right~left, down~up (DIRECTIONS order r, l, d, u)."""
+    return (labels // 4) * 2 + (labels % 4) // 2
+
+
+def load_clips(args: argparse.Namespace, model: ViT) -> ClipDataset:
+    size, channels = model.cfg.image_size, model.cfg.in_channels
+    if args.data == "synthetic":
+        return load_moving_digits(size, channels, num_frames=args.num_frames, num_train=args.num_train,
+                                  num_val=args.num_val, seed=args.seed, digit_size=args.digit_size,
+                                  travel=args.travel, digit_groups=args.digit_groups)
+    return load_clip_folder(args.data, size, channels, num_frames=args.num_frames,
+                            val_fraction=args.val_fraction, seed=args.seed)
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    kinds = [k.strip() for k in args.head.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in HEADS:
+            raise ValueError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
+    model = load_frozen(args.checkpoint, args.image_size)
+    fn = frame_fn(model, args.feature)
+    data = load_clips(args, model)
+    progress = not args.no_progress
+    t1 = time.time()
+    x_tr, y_tr = clip_features(fn, data, "train", args.feature_batch_size, progress)
+    x_val, y_val = clip_features(fn, data, "val", args.feature_batch_size, progress)
+    x_tr, x_val = standardise(x_tr, x_val)
+    t2 = time.time()
+    results: dict[str, Any] = {
+        "task": "video", "checkpoint": str(args.checkpoint), "data": data.name,
+        "image_size": data.image_size, "num_frames": data.num_frames, "feature": args.feature,
+        "feature_shape": list(x_tr.shape[1:]), "num_classes": data.num_classes,
+        "class_names": list(data.class_names), "train_clips": len(y_tr), "val_clips": len(y_val),
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
+        "seed": args.seed, "chance": 1.0 / data.num_classes, "heads": {},
+        "seconds": {"load": t1 - t0, "features": t2 - t1}}
+    lines = []
+    for kind in kinds:
+        t = time.time()
+        cfg = ({"width": args.head_width, "depth": args.head_depth, "num_heads": args.head_heads,
+                "pool": args.pool, "tokens": args.tokens} if kind == "transformer" else {})
+        head = make_head(kind, x_tr.shape[1:], data.num_classes, seed=args.seed, **cfg)
+        head, loss = train_head(head, x_tr, y_tr, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, wd=args.wd, seed=args.seed, progress=progress, desc=kind)
+        pred = predict(head, np.concatenate([x_tr, x_val])).argmax(1)  # one compiled shape
+        pred_tr, pred_val = pred[:len(y_tr)], pred[len(y_tr):]
+        r: dict[str, Any] = {
+            **cfg, "params": int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(head)))),
+            "final_train_loss": loss, "train_accuracy": float(np.mean(pred_tr == y_tr)),
+            "val_accuracy": float(np.mean(pred_val == y_val)),
+            "val_per_class": {name: float(np.mean(pred_val[y_val == c] == c))
+                              for c, name in enumerate(data.class_names) if (y_val == c).any()}}
+        if data.name == "synthetic":
+            same = _reversal_free(pred_val) == _reversal_free(y_val)
+            r["val_accuracy_up_to_reversal"] = float(np.mean(same))
+        r["seconds"] = time.time() - t
+        results["heads"][kind] = r
+        lines.append(f"{kind:>11} head: val top-1 {100 * r['val_accuracy']:.2f}% (train "
+                     f"{100 * r['train_accuracy']:.2f}%"
+                     + (f", up to reversal {100 * r['val_accuracy_up_to_reversal']:.2f}%"
+                        if "val_accuracy_up_to_reversal" in r else "") + f"), {r['seconds']:.1f} s")
+    results["seconds"]["total"] = time.time() - t0
+    out = probe.write_results(results, args, "video")
+    print(f"video classification on frozen {args.feature} features {list(x_tr.shape[1:])} of "
+          f"{data.name!r} ({len(y_tr)} train / {len(y_val)} val clips, {data.num_frames} frames, "
+          f"{data.num_classes} classes, chance {100 / data.num_classes:.1f}%) -> {out}")
+    print("\n".join(lines))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("video", help="video classification: temporal head on frozen per-frame "
+                              "features; val top-1")
+    p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (generated moving digits) or a "
+                   "clip folder DIR/<class>/<clip> (or DIR/train + DIR/val); a clip is a folder of "
+                   "frames, a GIF/multi-frame image or a uint8 .npy [T, H, W, C]")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class (folders)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="frame size (default: the checkpoint's; another resamples the posemb)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per clip")
+    p.add_argument("--num-train", type=int, default=2048, help="generated train clips")
+    p.add_argument("--num-val", type=int, default=512, help="generated val clips")
+    p.add_argument("--digit-size", type=int, default=None, help="generated digit size (default 7S/8)")
+    p.add_argument("--travel", type=int, default=None, help="generated digit's path length (default S/2)")
+    p.add_argument("--digit-groups", type=int, default=2, help="generated classes: groups x 4 directions")
+    p.add_argument("--feature", default="pre_logits",
+                   help="pre_logits | encoded (tokens) | block_i | <token feature>-mean")
+    p.add_argument("--head", default="mean,transformer",
+                   help=f"{' | '.join(HEADS)}, or several comma-separated (trained on the same features)")
+    p.add_argument("--pool", choices=["cls", "map"], default="cls", help="transformer pooling")
+    p.add_argument("--tokens", choices=["frame", "joint"], default="frame",
+                   help="token features, transformer: one token per frame (its grid embedded) or "
+                   "joint space-time attention over all tokens (slower)")
+    p.add_argument("--head-width", type=int, default=64)
+    p.add_argument("--head-depth", type=int, default=1, help="transformer blocks")
+    p.add_argument("--head-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64, help="clips per training step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine)")
+    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (matrices only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-batch-size", type=int, default=256, help="frames per forward pass")
+    p.add_argument("--out", default=None, help="results JSON (default CHECKPOINT/video.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_video)
+
+
+if __name__ == "__main__":  # `python -m vit22b.tasks.video ARGS` = `vit22b video ARGS`
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="vit22b")
+    add_parser(_parser.add_subparsers())
+    _args = _parser.parse_args(["video", *sys.argv[1:]])
+    sys.exit(_args.func(_args))
