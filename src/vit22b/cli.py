@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_timm)
 
     # Transfer tasks on frozen or fine-tuned checkpoints (vit22b/tasks/): each registers itself.
-    from vit22b.tasks import distill, fewshot, finetune, lit, probe, robustness, video
-    for task in (probe, fewshot, finetune, distill, robustness, lit, video):
+    from vit22b.tasks import depth, distill, fewshot, finetune, lit, probe, robustness, segment, video
+    for task in (probe, fewshot, finetune, distill, robustness, lit, segment, depth, video):
         task.add_parser(sub)
     return parser
 
