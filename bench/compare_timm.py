@@ -70,6 +70,7 @@ OURS = {
     "vit22b f32": {"dtype_mm": "float32"},
     "vit22b bf16": {"dtype_mm": "bfloat16"},
     "vit22b bf16 no-remat": {"dtype_mm": "bfloat16", "remat": "none"},
+    "vit22b bf16 act-bf16": {"dtype_mm": "bfloat16", "dtype_act": "bfloat16"},
 }
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
 DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)

@@ -209,6 +209,26 @@ def test_bfloat16_output_close_to_float32(tiny2_cfg, images, random_params, forw
 
 
 @pytest.mark.parametrize("block", ["parallel", "sequential"])
+def test_bfloat16_activations_close_to_float32_and_differentiable(block, tiny2_cfg, images, random_params,
+                                                                  forward):
+    cfg = tiny2_cfg.replace(block=block, dtype_mm="bfloat16")
+    params = random_params(cfg)
+    ref, _ = forward(cfg)(params, images)
+    got, out = forward(cfg.replace(dtype_act="bfloat16"))(params, images)
+    assert out["encoded"].dtype == jnp.float32  # the residual stream stays float32
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert 0 < rel < 3e-2, rel
+    graphdef, _ = split_params(abstract_model(cfg.replace(dtype_act="bfloat16")))
+    grads = jax.grad(lambda p: jnp.sum(apply(graphdef, p, images)[0] ** 2))(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) and g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_unknown_activation_dtype_fails(tiny_cfg):
+    with pytest.raises(ValueError, match="dtype_act"):
+        tiny_cfg.replace(dtype_act="int8").validate()
+
+
+@pytest.mark.parametrize("block", ["parallel", "sequential"])
 def test_bfloat16_matmuls_take_bfloat16_inputs(block, tiny2_cfg, images, random_params):
     cfg32 = tiny2_cfg.replace(block=block)
     params = random_params(cfg32)

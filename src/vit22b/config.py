@@ -72,6 +72,10 @@ class ModelConfig:
     head_bias_init: float = 0.0  # -10 for JFT-style sigmoid training (big_vision)
     # --- numerics and memory ----------------------------------------------------------------
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
+    # Storage of the blocks' projection outputs (q, k, v, MLP hidden) between the matmuls and the
+    # elementwise passes. "bfloat16" halves that memory traffic (norm and softmax statistics are
+    # still computed in float32; the residual stream stays float32); see bench/README.md.
+    dtype_act: str = "float32"
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
     # The paper's asynchronous parallel linear (parallel_linear.py) for the fused projections
@@ -136,6 +140,8 @@ class ModelConfig:
              f"qk_norm_type={self.qk_norm_type!r} is not one of None, 'rms', 'layer'")
         need(self.dtype_mm in ("bfloat16", "float32", "float16"),
              f"dtype_mm={self.dtype_mm!r}: use 'bfloat16', 'float16' or 'float32'")
+        need(self.dtype_act in ("bfloat16", "float32"),
+             f"dtype_act={self.dtype_act!r}: use 'float32' or 'bfloat16'")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

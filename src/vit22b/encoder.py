@@ -160,18 +160,18 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfi
 def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
                    attn_stats: bool = False) -> tuple[jax.Array, Any]:
     """y = x + MLP(N(x)) + Attn(N(x)) with one fused in- and one fused out-projection."""
-    dt, hd = jnp.dtype(cfg.dtype_mm), cfg.head_dim
+    dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
     h = normalize(x, p["norm_scale"], p.get("norm_bias"), cfg.norm, cfg.norm_eps)
     collective = cfg.collective_matmul and _model_axis_size() > 1
     if collective:  # ring all-gather of h overlapped with the matmul chunks (paper Fig. 3)
         fused = fused_in_projection(h, p["in_kernel"], None, dt)
     else:
         fused = matmul("bnd,dhf->bnhf", h, p["in_kernel"], dt)  # [B, N, H, 3hd + M/H]
-    fused = constrain(fused, ("batch", None, "act_heads", None))  # each model device: its heads
+    fused = constrain(fused.astype(act), ("batch", None, "act_heads", None))  # each model device: its heads
     q, k, v, m = jnp.split(fused, [hd, 2 * hd, 3 * hd], axis=-1)
     attn, stat = _attend(p, q, k, v, cfg, attn_stats)  # [B, N, H, hd]
     if cfg.mlp_bias:
-        m = m + p["mlp_in_bias"]
+        m = m + p["mlp_in_bias"].astype(act)
     m = gelu(m, cfg.gelu_approximate)  # [B, N, H, M/H]
     z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, H, hd + M/H]
     if collective:  # partial sums travel the ring while the next block is computed
@@ -186,18 +186,19 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
 def sequential_block(p: Params, x: jax.Array, cfg: ModelConfig,
                      attn_stats: bool = False) -> tuple[jax.Array, Any]:
     """The standard pre-norm ViT block: x + Attn(N1(x)), then + MLP(N2(.))."""
-    dt, hd = jnp.dtype(cfg.dtype_mm), cfg.head_dim
+    dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
     h = normalize(x, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm, cfg.norm_eps)
-    q, k, v = jnp.split(matmul("bnd,dhf->bnhf", h, p["qkv_kernel"], dt), [hd, 2 * hd], axis=-1)
+    qkv = matmul("bnd,dhf->bnhf", h, p["qkv_kernel"], dt).astype(act)
+    q, k, v = jnp.split(qkv, [hd, 2 * hd], axis=-1)
     attn, stat = _attend(p, q, k, v, cfg, attn_stats)
     y = matmul("bnhf,hfd->bnd", attn, p["attn_out_kernel"], dt)
     if cfg.out_bias:
         y = y + p["attn_out_bias"]
     x = x + y
     h = normalize(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm, cfg.norm_eps)
-    m = matmul("bnd,dm->bnm", h, p["mlp_in_kernel"], dt)
+    m = matmul("bnd,dm->bnm", h, p["mlp_in_kernel"], dt).astype(act)
     if cfg.mlp_bias:
-        m = m + p["mlp_in_bias"]
+        m = m + p["mlp_in_bias"].astype(act)
     y = matmul("bnm,md->bnd", gelu(m, cfg.gelu_approximate), p["mlp_out_kernel"], dt)
     if cfg.mlp_bias:
         y = y + p["mlp_out_bias"]
