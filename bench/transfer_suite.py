@@ -34,7 +34,10 @@ def fewshot_cell(r: dict[str, Any]) -> str:
     acc = r["accuracy"]
     first, last = next(iter(acc)), list(acc)[-1]
     lam = next(iter(acc[first]))
-    return f"{first} {pct(acc[first][lam]['mean'])}, {last} {pct(acc[last][lam]['mean'])} (lambda {lam})"
+    lam_value = lam.removeprefix("l2=")
+    return (
+        f"{first} {pct(acc[first][lam]['mean'])}, {last} {pct(acc[last][lam]['mean'])} (lambda {lam_value})"
+    )
 
 
 def robustness_cell(r: dict[str, Any]) -> str:
@@ -169,11 +172,13 @@ def suite(w: str, scratch: Path) -> list[tuple[str, str, list[str], Path, Extrac
         ),
         (
             "segment",
-            "linear decoder on frozen patch tokens, digit canvases 32 px",
+            "linear decoder on frozen patch tokens, digit canvases at 32 px (posemb resampled)",
             [
                 "segment",
                 "--checkpoint",
                 w,
+                "--image-size",
+                "32",
                 "--decoder",
                 "linear",
                 "--out",
@@ -185,7 +190,7 @@ def suite(w: str, scratch: Path) -> list[tuple[str, str, list[str], Path, Extrac
         ),
         (
             "segment",
-            "DPT-style decoder (4 layers), same data",
+            "DPT-style decoder (4 layers), the same data",
             [
                 "segment",
                 "--checkpoint",
@@ -218,19 +223,57 @@ def suite(w: str, scratch: Path) -> list[tuple[str, str, list[str], Path, Extrac
     ]
 
 
+def print_table(rows: list[dict[str, Any]], checkpoint: str, out: str) -> None:
+    print(
+        "\n"
+        + markdown_table(
+            ["command", "what", "measured", "wall s"],
+            [
+                [
+                    f"`{r['command']}`",
+                    r["what"],
+                    r.get("headline", "error: " + r.get("error", "")),
+                    f"{r['wall_s']:.0f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(f"(OUT = a scratch directory; W = {checkpoint}) JSON: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="workdirs/digits")
     ap.add_argument("--tasks", nargs="+", default=None, help="only these sub-commands")
     ap.add_argument("--scratch", default=None, help="where the commands write (default: a temp dir)")
     ap.add_argument("--out", default="bench/results/transfer_digits.json")
+    ap.add_argument("--render", action="store_true", help="only re-print the table of an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        # rows are matched to the suite by their command; the labels and headlines are re-derived
+        known = {"vit22b " + shlex.join(a): (w, e) for _, w, a, _, e in suite(args.checkpoint, Path("OUT"))}
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        for r in rows:
+            r["what"], extract = known[r["command"]]
+            if "result" in r:
+                r["headline"] = extract(r["result"])
+        print_table(rows, args.checkpoint, args.out)
+        return
     vit22b = [sys.executable, "-m", "vit22b.cli"]
     if not (Path(args.checkpoint) / "model.safetensors").exists():
         print(f"no checkpoint at {args.checkpoint}: training the default digits model first", flush=True)
         subprocess.run([*vit22b, "train", "--workdir", args.checkpoint, "--no-progress"], check=True)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="vit22b_transfer_"))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out = Path(args.out)
+    if args.tasks and out.exists():  # a partial rerun updates its rows in the existing table
+        commands = {"vit22b " + shlex.join(a) for _, _, a, _, _ in suite(args.checkpoint, Path("OUT"))}
+        rows = [
+            r
+            for r in json.loads(out.read_text())["rows"]
+            if r["task"] not in args.tasks and r["command"] in commands
+        ]
     for task, what, task_argv, json_path, extract in suite(args.checkpoint, scratch):
         if args.tasks and task not in args.tasks:
             continue
@@ -249,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
             row["headline"] = extract(row["result"])
         print(f"    {row.get('headline', row.get('error'))}  ({wall:.0f} s)", flush=True)
         rows.append(row)
+        order = {
+            "vit22b " + shlex.join(a): i
+            for i, (_, _, a, _, _) in enumerate(suite(args.checkpoint, Path("OUT")))
+        }
+        rows.sort(key=lambda r: order.get(r["command"], len(order)))
         write_json(
             Path(args.out),
             {
@@ -258,22 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rows": rows,
             },
         )
-    print(
-        "\n"
-        + markdown_table(
-            ["command", "what", "measured", "wall s"],
-            [
-                [
-                    f"`{r['command']}`",
-                    r["what"],
-                    r.get("headline", "error: " + r.get("error", "")),
-                    f"{r['wall_s']:.0f}",
-                ]
-                for r in rows
-            ],
-        )
-    )
-    print(f"(OUT = a scratch directory; W = {args.checkpoint}) JSON: {args.out}")
+    print_table(rows, args.checkpoint, args.out)
 
 
 if __name__ == "__main__":
