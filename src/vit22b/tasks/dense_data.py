@@ -350,23 +350,6 @@ def add_dense_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def load_backbone(checkpoint: str, image_size: int | None) -> ViT:
-    """The checkpoint at `image_size` (posemb resampled in 2-D), with clear errors for a bad size."""
-    from vit22b.api import load_model
-    from vit22b.weights import read_weights
-
-    _, cfg = read_weights(checkpoint)
-    if cfg is None:
-        raise ValueError(f"{checkpoint} has no config.json: pass a model dir written by `vit22b train` "
-                         "or `vit22b import-timm`")
-    size = cfg.image_size if image_size is None else image_size
-    if size <= 0 or size % cfg.patch_size:
-        fix = max(1, round(size / cfg.patch_size)) * cfg.patch_size
-        raise ValueError(f"--image-size {size} is not a positive multiple of the checkpoint's patch size "
-                         f"{cfg.patch_size}: use e.g. {fix}")
-    return load_model(checkpoint, **({} if size == cfg.image_size else {"image_size": size}))
-
-
 def load_dense_data(args: argparse.Namespace, task: str, model: ViT) -> DenseData:
     """Synthetic or folder data for `task` at the model's image size and channel count."""
     size, channels = model.cfg.image_size, model.cfg.in_channels

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit22b.data import DataError
-from vit22b.tasks.dense_data import add_dense_args, load_backbone, load_dense_data
+from vit22b.tasks.dense_data import add_dense_args, load_dense_data
 from vit22b.tasks.dense_heads import depth_loss, depth_metrics, train_head, write_dense_results
+from vit22b.tasks.probe import load_backbone
 
 
 def cmd_depth(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from vit22b.config import ModelConfig
 from vit22b.data import DataError, ImageDataset, load_dataset
 from vit22b.model import ViT
 
@@ -46,27 +47,44 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def load_task(args: argparse.Namespace) -> tuple[ViT, ImageDataset]:
-    """The checkpoint (at --image-size, posemb resampled) and the dataset, checked against each other."""
-    from vit22b.api import load_model
+def checkpoint_at(checkpoint: str | Path, image_size: int | None) -> tuple[ModelConfig, int]:
+    """The checkpoint's config and the image size to run it at, checked (no weights loaded yet)."""
     from vit22b.weights import read_weights
 
-    _, cfg = read_weights(args.checkpoint)
+    _, cfg = read_weights(checkpoint)
     if cfg is None:
-        raise ValueError(f"{args.checkpoint} has no config.json: pass a model dir written by "
+        raise ValueError(f"{checkpoint} has no config.json: pass a model dir written by "
                          "`vit22b train` or `vit22b import-timm`")
-    size = cfg.image_size if args.image_size is None else args.image_size
+    size = cfg.image_size if image_size is None else image_size
     if size <= 0 or size % cfg.patch_size:
         fix = max(1, round(size / cfg.patch_size)) * cfg.patch_size
         raise ValueError(f"--image-size {size} is not a positive multiple of the checkpoint's patch size "
                          f"{cfg.patch_size}: use e.g. {fix}")
+    return cfg, size
+
+
+def _load_at(checkpoint: str | Path, cfg: ModelConfig, size: int) -> ViT:
+    from vit22b.api import load_model
+
+    return load_model(checkpoint, **({} if size == cfg.image_size else {"image_size": size}))
+
+
+def load_backbone(checkpoint: str | Path, image_size: int | None) -> ViT:
+    """The checkpoint at `image_size` (posemb resampled in 2-D), with clear errors for a bad size."""
+    cfg, size = checkpoint_at(checkpoint, image_size)
+    return _load_at(checkpoint, cfg, size)
+
+
+def load_task(args: argparse.Namespace) -> tuple[ViT, ImageDataset]:
+    """The checkpoint (at --image-size, posemb resampled) and the dataset, checked against each other
+    before the weights are loaded."""
+    cfg, size = checkpoint_at(args.checkpoint, args.image_size)
     dataset = load_dataset(args.data, size, val_path=args.val_data, val_fraction=args.val_fraction)
     if dataset.in_channels != cfg.in_channels:
         raise DataError(f"the checkpoint takes {cfg.in_channels}-channel images but {dataset.name!r} has "
                         f"{dataset.in_channels}: use data with {cfg.in_channels} channel(s) (digits are "
                         "1-channel, image folders RGB) or a checkpoint trained on such data")
-    model = load_model(args.checkpoint, **({} if size == cfg.image_size else {"image_size": size}))
-    return model, dataset
+    return _load_at(args.checkpoint, cfg, size), dataset
 
 
 def available_features(model: ViT) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.tasks.dense_data import add_dense_args, load_backbone, load_dense_data
+from vit22b.tasks.dense_data import add_dense_args, load_dense_data
 from vit22b.tasks.dense_heads import (
     confusion_matrix,
     segment_loss,
@@ -31,6 +31,7 @@ from vit22b.tasks.dense_heads import (
     train_head,
     write_dense_results,
 )
+from vit22b.tasks.probe import load_backbone
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -50,7 +50,6 @@ from vit22b.tasks.video_data import (
     ClipDataset,
     clip_features,
     load_clip_folder,
-    load_frozen,
     load_moving_digits,
     standardise,
 )
@@ -314,7 +313,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind not in HEADS:
             raise ValueError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
-    model = load_frozen(args.checkpoint, args.image_size)
+    model = probe.load_backbone(args.checkpoint, args.image_size)
     fn = frame_fn(model, args.feature)
     data = load_clips(args, model)
     progress = not args.no_progress

@@ -20,7 +20,7 @@ files whose frames have different durations are sampled uniformly in time (`samp
 Frames are converted to the checkpoint's channels (RGB, or luma for 1-channel checkpoints, as
 data.load_image), their shorter side resized to the image size and centre-cropped.
 
-`clip_features` runs every frame of every clip once through the frozen checkpoint (`load_frozen`).
+`clip_features` runs every frame of every clip once through the frozen checkpoint (`probe.load_backbone`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from PIL import Image, ImageSequence
 from tqdm.auto import tqdm
 
 from vit22b.data import IMAGE_EXTENSIONS, DataError, _digits_to_uint8, _normalise, _stratified_split
-from vit22b.model import ViT
 
 DIRECTIONS = ("right", "left", "down", "up")
 # direction -> (axis of the (y, x) position that moves, sign); right/left and down/up are reverses.
@@ -369,23 +368,6 @@ def load_clip_folder(path: str | Path, image_size: int, in_channels: int, *, num
 
 
 # ----------------------------------------------------------------------------- frozen features
-def load_frozen(checkpoint: str | Path, image_size: int | None) -> ViT:
-    """The checkpoint at `image_size` (posemb resampled in 2-D), validated as probe.load_task does."""
-    from vit22b.api import load_model
-    from vit22b.weights import read_weights
-
-    _, cfg = read_weights(checkpoint)
-    if cfg is None:
-        raise ValueError(f"{checkpoint} has no config.json: pass a model dir written by "
-                         "`vit22b train` or `vit22b import-timm`")
-    size = cfg.image_size if image_size is None else image_size
-    if size <= 0 or size % cfg.patch_size:
-        fix = max(1, round(size / cfg.patch_size)) * cfg.patch_size
-        raise ValueError(f"--image-size {size} is not a positive multiple of the checkpoint's patch size "
-                         f"{cfg.patch_size}: use e.g. {fix}")
-    return load_model(checkpoint, **({} if size == cfg.image_size else {"image_size": size}))
-
-
 def clip_features(fn: Callable[[np.ndarray], Any], data: ClipDataset, split: str, frame_batch: int = 256,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Features of every frame of every clip of a split, [N, T, D] or [N, T, P, D], and labels."""
