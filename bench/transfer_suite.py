@@ -78,149 +78,43 @@ def depth_cell(r: dict[str, Any]) -> str:
 
 
 def suite(w: str, scratch: Path) -> list[tuple[str, str, list[str], Path, Extract]]:
-    """(task, what, argv, JSON path, headline extractor) for every row."""
-    s = str(scratch)
-    return [
-        (
-            "probe",
-            "linear probe on frozen pre_logits",
-            ["probe", "--checkpoint", w, "--out", f"{s}/probe.json"],
-            scratch / "probe.json",
-            lambda r: f"top-1 {pct(r['val_accuracy'])}",
-        ),
-        (
-            "fewshot",
-            "closed-form ridge, shots 1..25 x 3 seeds",
-            ["fewshot", "--checkpoint", w, "--out", f"{s}/fewshot.json"],
-            scratch / "fewshot.json",
-            fewshot_cell,
-        ),
-        (
-            "finetune",
-            "new zero head, posemb 16 -> 32 px, cosine",
-            [
-                "finetune",
-                "--checkpoint",
-                w,
-                "--image-size",
-                "32",
-                "--steps",
-                "200",
-                "--batch-size",
-                "64",
-                "--workdir",
-                f"{s}/ft",
-                "--no-progress",
-            ],
-            scratch / "ft" / "finetune.json",
-            lambda r: f"top-1 {pct(r['val_accuracy'])}",
-        ),
-        (
-            "finetune",
-            "the same from scratch (baseline)",
-            [
-                "finetune",
-                "--checkpoint",
-                w,
-                "--image-size",
-                "32",
-                "--steps",
-                "200",
-                "--batch-size",
-                "64",
-                "--from-scratch",
-                "--workdir",
-                f"{s}/ft0",
-                "--no-progress",
-            ],
-            scratch / "ft0" / "finetune.json",
-            lambda r: f"top-1 {pct(r['val_accuracy'])}",
-        ),
-        (
-            "distill",
-            "teacher -> fresh mu/4 student, t^2 KL",
-            [
-                "distill",
-                "--teacher",
-                w,
-                "--student-preset",
-                "mu/4",
-                "--steps",
-                "500",
-                "--batch-size",
-                "64",
-                "--workdir",
-                f"{s}/st",
-                "--no-progress",
-            ],
-            scratch / "st" / "distill.json",
-            lambda r: f"student {pct(r['student_val_accuracy'])} (teacher {pct(r['teacher_val_accuracy'])})",
-        ),
-        (
-            "robustness",
-            "shifted val copies; calibration",
-            ["robustness", "--checkpoint", w, "--out", f"{s}/robustness.json", "--no-progress"],
-            scratch / "robustness.json",
-            robustness_cell,
-        ),
-        (
-            "lit",
-            "text tower on locked image features",
-            ["lit", "--checkpoint", w, "--workdir", f"{s}/lit", "--no-progress"],
-            scratch / "lit" / "lit.json",
-            lit_cell,
-        ),
-        (
-            "segment",
-            "linear decoder on frozen patch tokens, digit canvases at 32 px (posemb resampled)",
-            [
-                "segment",
-                "--checkpoint",
-                w,
-                "--image-size",
-                "32",
-                "--decoder",
-                "linear",
-                "--out",
-                f"{s}/seg_linear.json",
-                "--no-progress",
-            ],
-            scratch / "seg_linear.json",
-            segment_cell,
-        ),
-        (
-            "segment",
-            "DPT-style decoder (4 layers), the same data",
-            [
-                "segment",
-                "--checkpoint",
-                w,
-                "--image-size",
-                "32",
-                "--decoder",
-                "dpt",
-                "--out",
-                f"{s}/seg_dpt.json",
-                "--no-progress",
-            ],
-            scratch / "seg_dpt.json",
-            segment_cell,
-        ),
-        (
-            "depth",
-            "DPT-style decoder, rendered scenes with exact depth, 32 px",
-            ["depth", "--checkpoint", w, "--image-size", "32", "--out", f"{s}/depth.json", "--no-progress"],
-            scratch / "depth.json",
-            depth_cell,
-        ),
-        (
-            "video",
-            "per-frame features + temporal heads",
-            ["video", "--checkpoint", w, "--out", f"{s}/video.json", "--no-progress"],
-            scratch / "video.json",
-            video_cell,
-        ),
+    """(task, what, argv, JSON path, headline extractor) for every row. In the command templates
+    {w} is the checkpoint and {s} the scratch directory."""
+    top1: Extract = lambda r: f"top-1 {pct(r['val_accuracy'])}"  # noqa: E731
+    ft = "finetune --checkpoint {w} --image-size 32 --steps 200 --batch-size 64"
+    seg = "segment --checkpoint {w} --image-size 32"
+    rows = [  # (task, what, command template, JSON file under scratch, extractor)
+        ("probe", "linear probe on frozen pre_logits", "probe --checkpoint {w} --out {s}/probe.json",
+         "probe.json", top1),
+        ("fewshot", "closed-form ridge, shots 1..25 x 3 seeds",
+         "fewshot --checkpoint {w} --out {s}/fewshot.json", "fewshot.json", fewshot_cell),
+        ("finetune", "new zero head, posemb 16 -> 32 px, cosine",
+         ft + " --workdir {s}/ft --no-progress", "ft/finetune.json", top1),
+        ("finetune", "the same from scratch (baseline)",
+         ft + " --from-scratch --workdir {s}/ft0 --no-progress", "ft0/finetune.json", top1),
+        ("distill", "teacher -> fresh mu/4 student, t^2 KL",
+         "distill --teacher {w} --student-preset mu/4 --steps 500 --batch-size 64"
+         " --workdir {s}/st --no-progress",
+         "st/distill.json",
+         lambda r: f"student {pct(r['student_val_accuracy'])} (teacher {pct(r['teacher_val_accuracy'])})"),
+        ("robustness", "shifted val copies; calibration",
+         "robustness --checkpoint {w} --out {s}/robustness.json --no-progress", "robustness.json",
+         robustness_cell),
+        ("lit", "text tower on locked image features", "lit --checkpoint {w} --workdir {s}/lit --no-progress",
+         "lit/lit.json", lit_cell),
+        ("segment", "linear decoder on frozen patch tokens, digit canvases at 32 px (posemb resampled)",
+         seg + " --decoder linear --out {s}/seg_linear.json --no-progress", "seg_linear.json", segment_cell),
+        ("segment", "DPT-style decoder (4 layers), the same data",
+         seg + " --decoder dpt --out {s}/seg_dpt.json --no-progress", "seg_dpt.json", segment_cell),
+        ("depth", "DPT-style decoder, rendered scenes with exact depth, 32 px",
+         "depth --checkpoint {w} --image-size 32 --out {s}/depth.json --no-progress", "depth.json",
+         depth_cell),
+        ("video", "per-frame features + temporal heads",
+         "video --checkpoint {w} --out {s}/video.json --no-progress", "video.json", video_cell),
     ]
+    quoted = {"w": shlex.quote(w), "s": shlex.quote(str(scratch))}
+    return [(task, what, shlex.split(template.format(**quoted)), scratch / out, extract)
+            for task, what, template, out, extract in rows]
 
 
 def print_table(rows: list[dict[str, Any]], checkpoint: str, out: str) -> None:
