@@ -157,6 +157,8 @@ class ImageDataset:
     train: Split
     val: Split
     skipped: int  # unreadable files skipped at load time
+    # Random horizontal flips in training: right for photos and clothes, wrong for digits.
+    flip: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -212,7 +214,8 @@ class ImageDataset:
         self, order: _EpochOrder, batch_size: int, process_count: int, process_index: int,
         seed: int, step: int, augment: bool,
     ) -> Iterator[Batch]:
-        """In-memory images, augmented by a random translation (pad with background 0, crop back)."""
+        """In-memory images, augmented by a random translation (pad with background 0, crop back)
+        and, where the data set allows it, a random horizontal flip."""
         images, labels, size = self.train.images, self.train.labels, self.image_size
         assert images is not None
         pad = max(1, size // 8)
@@ -226,6 +229,9 @@ class ImageDataset:
             if augment:  # offsets drawn for the whole global batch, so shares match any layout
                 off = np.random.default_rng([seed, 1, step]).integers(0, 2 * pad + 1, (global_batch, 2))
                 ys, xs = off[mine, 0:1] + grid, off[mine, 1:2] + grid  # [B, S] each
+                if self.flip:  # mirrored column indices flip the crop in the same gather
+                    flips = np.random.default_rng([seed, 2, step]).random(global_batch)[mine] < 0.5
+                    xs = np.where(flips[:, None], xs[:, ::-1], xs)
                 batch = padded[idx][rows, ys[:, :, None], xs[:, None, :]]
             else:
                 batch = images[idx]
@@ -271,7 +277,7 @@ def load_digits_dataset(image_size: int = 16) -> ImageDataset:
         digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
     return ImageDataset(
         name="digits", class_names=tuple(str(c) for c in range(10)), image_size=image_size,
-        in_channels=1, skipped=0,
+        in_channels=1, skipped=0, flip=False,
         train=Split(y_tr.astype(np.int32), images=_digits_to_uint8(x_tr, image_size)),
         val=Split(y_val.astype(np.int32), images=_digits_to_uint8(x_val, image_size)))
 
@@ -365,12 +371,70 @@ def load_image_folder(path: str | Path, image_size: int, *, val_path: str | Path
                         train=train, val=val, skipped=skipped)
 
 
-def load_dataset(source: str, image_size: int, *, val_path: str | Path | None = None,
-                 val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
-    """The bundled digits for source "digits" (its split is fixed), else an image folder."""
+def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, W, 1] -> [N, size, size, 1], bilinear (nothing done at the native size)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((size, size), Image.Resampling.BILINEAR))
+                     for im in images])[..., None]
+
+
+def load_idx_dataset(source: str, image_size: int | None = None, *, holdout: str = "test",
+                     val_fraction: float = 0.1, seed: int = 0) -> ImageDataset:
+    """An MNIST-format data set in memory (see idx.py). `holdout="test"`: val is the data set's own
+    test split; `"train"`: a stratified `val_fraction` of the training images, for choosing a recipe
+    without looking at the test split."""
+    from vit22b.idx import class_names_for, read_idx_split, resolve_idx_source
+
+    directory = resolve_idx_source(source)
+    assert directory is not None, source
+    x_tr, y_tr = read_idx_split(directory, "train")
+    if holdout == "test":
+        x_val, y_val = read_idx_split(directory, "t10k")
+    elif holdout == "train":
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction} is not in (0, 1): use e.g. 0.1")
+        classes = [str(c) for c in range(int(y_tr.max()) + 1)]
+        tr, va = _stratified_split(y_tr, classes, val_fraction, seed=0)  # fixed: one val set per recipe search
+        x_tr, y_tr, x_val, y_val = x_tr[tr], y_tr[tr], x_tr[va], y_tr[va]
+    else:
+        raise DataError(f"holdout={holdout!r}: use 'test' (the data set's test split) or 'train' "
+                        "(a split of the training images)")
+    num_classes = int(max(y_tr.max(), y_val.max())) + 1
+    size = image_size or x_tr.shape[1]
+    name = source if source == "fashion-mnist" else str(directory)
+    return _checked(ImageDataset(
+        name=name, class_names=class_names_for(directory, num_classes), image_size=size, in_channels=1,
+        skipped=0, train=Split(y_tr, images=_resize_uint8(x_tr, size)),
+        val=Split(y_val, images=_resize_uint8(x_val, size))))
+
+
+def _checked(dataset: ImageDataset) -> ImageDataset:
+    """Refuse data sets that can't train a classifier (one class reports a meaningless 100%)."""
+    present = np.unique(dataset.train.labels)
+    if len(present) < 2:
+        raise DataError(f"{dataset.name!r} has a single class ({dataset.class_names[int(present[0])]!r}) in "
+                        "its training split: a classifier needs at least two classes; add the other "
+                        "classes' images")
+    return dataset
+
+
+def load_dataset(source: str, image_size: int | None, *, val_path: str | Path | None = None,
+                 val_fraction: float = 0.2, seed: int = 0, holdout: str = "test") -> ImageDataset:
+    """"digits" (bundled; its split is fixed), "fashion-mnist" or "idx:DIR" (MNIST format, in
+    memory), else an image folder. `image_size=None`: the data set's native size (folders: 224)."""
+    from vit22b.idx import resolve_idx_source
+
     if source == "digits":
         if val_path is not None:
             raise DataError("the digits dataset has a fixed val split: drop the val folder, or train "
                             "on an image folder instead.")
-        return load_digits_dataset(image_size)
-    return load_image_folder(source, image_size, val_path=val_path, val_fraction=val_fraction, seed=seed)
+        return load_digits_dataset(image_size or 16)
+    if resolve_idx_source(source) is not None:
+        if val_path is not None:
+            raise DataError(f"{source!r} brings its own test split: drop --val-data (or use "
+                            "--holdout train to hold out part of the training images)")
+        return load_idx_dataset(source, image_size, holdout=holdout, val_fraction=val_fraction, seed=seed)
+    image_size = image_size or 224
+    return _checked(load_image_folder(source, image_size, val_path=val_path, val_fraction=val_fraction,
+                                      seed=seed))

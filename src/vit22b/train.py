@@ -62,6 +62,8 @@ class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     loss: Loss = "sigmoid"  # JFT-style multi-label sigmoid cross-entropy, as the paper
+    label_smoothing: float = 0.0  # targets (1 - e) * onehot + e / classes
+    holdout: str = "test"  # idx data sets: "test" split, or "train" (val_fraction of the train images)
     augment: bool = True
     seed: int = 0
     log_every: int = 50
@@ -78,10 +80,15 @@ class TrainConfig:
             raise ValueError(f"loss {self.loss!r}: choose one of {Loss.__args__}")
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss) -> jax.Array:
+def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss,
+                        label_smoothing: float = 0.0) -> jax.Array:
     onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
     if kind == "softmax":
         return optax.softmax_cross_entropy(logits, onehot).mean()
     # big_vision's sigmoid_xent: sum over classes, mean over the batch.
@@ -120,7 +127,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainC
                     shardings: Any = None, mesh: Mesh | None = None) -> Any:
     def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
         logits, _ = apply(graphdef, params, images)
-        return classification_loss(logits, labels, cfg.loss)
+        return classification_loss(logits, labels, cfg.loss, cfg.label_smoothing)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -224,7 +231,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     workdir = Path(cfg.workdir)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.model.image_size, val_path=cfg.val_data,
-                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+                               val_fraction=cfg.val_fraction, seed=cfg.seed, holdout=cfg.holdout)
     m = cfg.model
     if (m.num_classes, m.in_channels, m.image_size) != (dataset.num_classes, dataset.in_channels,
                                                          dataset.image_size):
