@@ -395,7 +395,8 @@ def load_idx_dataset(source: str, image_size: int | None = None, *, holdout: str
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction} is not in (0, 1): use e.g. 0.1")
         classes = [str(c) for c in range(int(y_tr.max()) + 1)]
-        tr, va = _stratified_split(y_tr, classes, val_fraction, seed=0)  # fixed: one val set per recipe search
+        # seed fixed: every recipe in a search is chosen on the same val images
+        tr, va = _stratified_split(y_tr, classes, val_fraction, seed=0)
         x_tr, y_tr, x_val, y_val = x_tr[tr], y_tr[tr], x_tr[va], y_tr[va]
     else:
         raise DataError(f"holdout={holdout!r}: use 'test' (the data set's test split) or 'train' "

@@ -53,7 +53,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise IdxError(f"IDX file {str(path)!r} declares shape {shape} ({count * dtype.itemsize} bytes) "
                        f"but holds {len(data) - header} bytes of data: the file is truncated or "
                        "corrupt; re-download it")
-    return np.frombuffer(data, dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(data, dtype, count=count, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _find(directory: Path, stem: str) -> Path:
