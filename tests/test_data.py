@@ -11,7 +11,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from vit22b.data import DataError, ImageDataset, load_dataset, load_digits_dataset, load_image_folder
+from vit22b.data import DataError, ImageDataset, load_dataset, load_digits_dataset
+from vit22b.folders import load_image_folder
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 220, 40), "red": (230, 30, 20)}
 

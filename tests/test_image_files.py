@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit22b.data import load_image_folder
+from vit22b.folders import load_image_folder
 from vit22b.image_files import eval_image, open_rgb
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from test_image_files import make_folder
 from vit22b.cli import main
-from vit22b.data import DataError, load_dataset, load_image_folder
+from vit22b.data import DataError, load_dataset
+from vit22b.folders import load_image_folder
 from vit22b.records import ArrayRecordImages, load_prepared, prepare
 
 

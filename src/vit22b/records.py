@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vit22b.data import DataError, ImageDataset, Split, _checked, _scan_folder, _stratified_split
+from vit22b.data import DataError, ImageDataset, Split, _checked, _stratified_split
+from vit22b.folders import _scan_folder
 
 FORMAT = "vit22b-arrayrecord-v1"
 INFO_FILE = "info.json"
