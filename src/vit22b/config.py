@@ -76,6 +76,10 @@ class ModelConfig:
     # elementwise passes. "bfloat16" halves that memory traffic (norm and softmax statistics are
     # still computed in float32; the residual stream stays float32); see bench/README.md.
     dtype_act: str = "float32"
+    # "xla" (jax.nn.dot_product_attention), "blockwise" (attention.py: online softmax, memory linear
+    # in tokens) or "auto" (blockwise from layers.BLOCKWISE_FROM_TOKENS keys on, on CPU).
+    attention: str = "auto"
+    attention_block: int = 128  # keys per block of the blockwise kernel
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
     # The paper's asynchronous parallel linear (parallel_linear.py) for the fused projections
@@ -140,6 +144,9 @@ class ModelConfig:
              f"qk_norm_type={self.qk_norm_type!r} is not one of None, 'rms', 'layer'")
         need(self.dtype_mm in ("bfloat16", "float32", "float16"),
              f"dtype_mm={self.dtype_mm!r}: use 'bfloat16', 'float16' or 'float32'")
+        need(self.attention in ("auto", "xla", "blockwise"),
+             f"attention={self.attention!r}: use 'auto', 'xla' or 'blockwise'")
+        need(self.attention_block > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.dtype_act in ("bfloat16", "float32"),
              f"dtype_act={self.dtype_act!r}: use 'float32' or 'bfloat16'")
 

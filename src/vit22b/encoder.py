@@ -154,7 +154,7 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfi
         k = normalize(k, p["k_norm_scale"], p.get("k_norm_bias"), kind, eps)
     dt = jnp.dtype(cfg.dtype_mm)
     stat = max_attention_logit(q, k) if attn_stats else None
-    return attention(q.astype(dt), k.astype(dt), v.astype(dt)), stat
+    return attention(q.astype(dt), k.astype(dt), v.astype(dt), cfg.attention, cfg.attention_block), stat
 
 
 def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
