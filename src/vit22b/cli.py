@@ -29,7 +29,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _DATA_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             g.add_argument(flag, dest=f"model_{f.name}", action=argparse.BooleanOptionalAction,
                            default=None, help=f"default {f.default}")
         else:

@@ -75,6 +75,13 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=approximate)
 
 
+def mlp_act(x: jax.Array, act: str, approximate: bool) -> jax.Array:
+    """The MLP nonlinearity: GELU (exact or tanh form), or OpenAI CLIP's x * sigmoid(1.702 x)."""
+    if act == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return gelu(x, approximate)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention, q: [B, T, H, d], k/v: [B, S, H, d] -> [B, T, H, d].
 

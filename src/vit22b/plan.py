@@ -135,7 +135,7 @@ def check(cfg: ModelConfig, batch: int, data: int, model: int, grad_accum: int =
 
 def _dims(cfg: ModelConfig, b: int, m: int) -> dict[str, int]:
     H, hd, Mh = cfg.num_heads, cfg.head_dim, cfg.mlp_dim // cfg.num_heads
-    return dict(b=b, T=cfg.num_patches + (cfg.head == "token"), D=cfg.width, Dm=cfg.width // m,
+    return dict(b=b, T=cfg.num_tokens, D=cfg.width, Dm=cfg.width // m,
                 Hm=H // m, hd=hd, Mh=Mh, F=3 * hd + Mh, Fo=hd + Mh, s=np.dtype(cfg.dtype_mm).itemsize)
 
 
@@ -231,7 +231,7 @@ def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
     reduce_scatter = sum(r["bytes"] // 4 * s * (data - 1) for r in st["records"] if r["over_data"])
     all_reduce = sum(2 * ring_d * r["bytes"] // 4 * s for r in st["records"] if not r["over_data"])
     b = batch // (data * grad_accum)
-    full = b * (cfg.num_patches + (cfg.head == "token")) * cfg.width * (model - 1) / model
+    full = b * cfg.num_tokens * cfg.width * (model - 1) / model
     # per layer: forward all-gather of the block input + reduce-scatter of the out-projection's
     # partial sums; backward: all-gather of the output cotangent + reduce-scatter of the input
     # cotangent; the recompute repeats the forward pair (nothing_saveable) or the gather (dots)
@@ -260,7 +260,7 @@ def plan(cfg: ModelConfig, batch: int, data: int, model: int, hw: Hardware,
     comm = collectives(cfg, batch, data, model, remat, optimizer, grad_accum, hw)
     t_comm = sum(c["seconds"] for c in comm)
     mem = memory(cfg, batch, data, model, remat, optimizer, grad_accum)
-    tokens = batch * (cfg.num_patches + (cfg.head == "token"))
+    tokens = batch * cfg.num_tokens
     out: dict[str, Any] = {
         "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads,
                    "mlp_dim": cfg.mlp_dim, "patch": cfg.patch_size, "image_size": cfg.image_size},
