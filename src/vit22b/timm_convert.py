@@ -48,7 +48,8 @@ def config_from_timm(state: Flat, *, num_heads: int | None = None, head_dim: int
                 f"timm weights lack {key!r}: neither timm's standard ViT (blocks.i.attn.qkv) nor its "
                 "parallel-block ViT (fuse_out_proj=True, no class token, global_pool='map')")
     D, C, p, _ = state["patch_embed.proj.weight"].shape
-    if "blocks.0.q_norm.weight" in state and state["blocks.0.q_norm.weight"].shape[0] * num_heads != D:
+    seen_hd = state["blocks.0.q_norm.weight"].shape[0] if "blocks.0.q_norm.weight" in state else None
+    if seen_hd and num_heads is not None and seen_hd * num_heads != D:
         head_dim = state["blocks.0.q_norm.weight"].shape[0]
         raise ConfigError(f"num_heads={num_heads} contradicts the weights: q_norm has head_dim "
                           f"{head_dim} and the width is {D}, so num_heads must be {D // head_dim}")

@@ -220,7 +220,8 @@ def flat_to_vit(flat: Flat, cfg: ModelConfig) -> Flat:
         out[b + "mlp.fc1.weight"], out[b + "mlp.fc2.weight"] = (f[e + "mlp_in_kernel"][i].T,
                                                                 f[e + "mlp_out_kernel"][i].T)
         if cfg.mlp_bias:
-            out[b + "mlp.fc1.bias"], out[b + "mlp.fc2.bias"] = f[e + "mlp_in_bias"][i], f[e + "mlp_out_bias"][i]
+            out[b + "mlp.fc1.bias"] = f[e + "mlp_in_bias"][i]
+            out[b + "mlp.fc2.bias"] = f[e + "mlp_out_bias"][i]
         for theirs, ours in _block_norms(cfg):
             for t, o in suffixes:
                 out[f"{b}{theirs}.{t}"] = f[f"{e}{ours}_{o}"][i]

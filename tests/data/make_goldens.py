@@ -126,7 +126,8 @@ def state_to_npz(sd: dict[str, np.ndarray], depth: int, heads: int, layout: str,
 
     def attention(out: dict, dst: str, q, k, v, qb, kb, vb, o, ob) -> None:
         for n, kern, b in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
-            out[f"{dst}{n}/kernel"], out[f"{dst}{n}/bias"] = kern.T.reshape(D, heads, hd), b.reshape(heads, hd)
+            out[f"{dst}{n}/kernel"] = kern.T.reshape(D, heads, hd)
+            out[f"{dst}{n}/bias"] = b.reshape(heads, hd)
         out[f"{dst}out/kernel"], out[f"{dst}out/bias"] = o.T.reshape(heads, hd, D), ob
 
     if "attn_pool.latent" in sd:
@@ -136,7 +137,8 @@ def state_to_npz(sd: dict[str, np.ndarray], depth: int, heads: int, layout: str,
         attention(w, "MAPHead_0/MultiHeadDotProductAttention_0/", sd[a + "q.weight"], kw, vw,
                   sd[a + "q.bias"], kb, vb, sd[a + "proj.weight"], sd[a + "proj.bias"])
         w["MAPHead_0/probe"] = sd[a + "latent"]
-        w["MAPHead_0/LayerNorm_0/scale"], w["MAPHead_0/LayerNorm_0/bias"] = sd[a + "norm.weight"], sd[a + "norm.bias"]
+        w["MAPHead_0/LayerNorm_0/scale"] = sd[a + "norm.weight"]
+        w["MAPHead_0/LayerNorm_0/bias"] = sd[a + "norm.bias"]
         for r in range(2):
             w[f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel"] = sd[f"{a}mlp.fc{r + 1}.weight"].T
             w[f"MAPHead_0/MlpBlock_0/Dense_{r}/bias"] = sd[f"{a}mlp.fc{r + 1}.bias"]
@@ -145,7 +147,8 @@ def state_to_npz(sd: dict[str, np.ndarray], depth: int, heads: int, layout: str,
         b, blk = f"blocks.{i}.", {}
         qw, kw, vw = np.split(sd[b + "attn.qkv.weight"], 3)
         qb, kb, vb = np.split(sd[b + "attn.qkv.bias"], 3)
-        attention(blk, f"{mha}/", qw, kw, vw, qb, kb, vb, sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+        attention(blk, f"{mha}/", qw, kw, vw, qb, kb, vb, sd[b + "attn.proj.weight"],
+                  sd[b + "attn.proj.bias"])
         blk["LayerNorm_0/scale"], blk["LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
         blk[f"{ln2}/scale"], blk[f"{ln2}/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
         for r in range(2):
@@ -180,8 +183,9 @@ def step1() -> None:
         out = {f"param/{k}": v for k, v in sd.items()}
         out["input_nhwc"] = xi
         out["logits"] = logits(model, xi)
+        shown = {k: repr(v) if callable(v) else v for k, v in kwargs.items()}
         meta = {"family": family, "stands_for": what, "timm": timm.__version__, "torch": torch.__version__,
-                "kwargs": json.dumps({**BASE, **{k: repr(v) if callable(v) else v for k, v in kwargs.items()}})}
+                "kwargs": json.dumps({**BASE, **shown})}
         save_file(out, str(OUT / f"{family}.safetensors"), metadata=meta)
         summary[family] = {"params": len(sd), "logits_shape": list(out["logits"].shape), "what": what}
         for fname, (fam, layout, prefix, scanned, bf16) in NPZ.items():
@@ -200,7 +204,8 @@ def step1() -> None:
                 ref = logits(load_npz_into_timm(family, OUT / fname), xi)
                 diff = float(np.abs(ref - out["logits"]).max())
                 assert diff < 1e-6, f"{fname}: _load_weights gives logits {diff} away from the model's"
-            save_file({"logits": ref, "input_nhwc": xi}, str(OUT / fname.replace(".npz", "_logits.safetensors")),
+            save_file({"logits": ref, "input_nhwc": xi},
+                      str(OUT / fname.replace(".npz", "_logits.safetensors")),
                       metadata={"made_by": "timm _load_weights", "timm": timm.__version__})
             summary[fname] = {"family": family, "layout": layout, "prefix": prefix, "scanned": scanned,
                               "bfloat16": bf16}
