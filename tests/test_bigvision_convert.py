@@ -114,3 +114,24 @@ def test_bad_npz_files_are_refused(tmp_path):
     np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
     with pytest.raises(ConfigError):
         read_npz(tmp_path / "objects.npz")  # pickled objects are never loaded
+
+
+def test_import_and_export_commands_round_trip_an_npz(tmp_path, capsys):
+    from vit22b.cli import main
+
+    src = DATA / "siglip_scanned.npz"
+    out = str(tmp_path / "m")
+    assert main(["import", str(src), "--out", out, "--variant", "mu/8", "--gelu", "exact"]) == 2
+    assert "--variant mu/8: the file has width=64" in capsys.readouterr().err
+    assert main(["import", str(src), "--out", str(tmp_path / "m"), "--gelu", "exact"]) == 0
+    assert "4 heads" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "back.npz"), "--npz-prefix", "params/img/",
+                 "--npz-scan"]) == 0
+    raw, back = read_npz(src), read_npz(tmp_path / "back.npz")
+    assert set(raw) == set(back)
+    for k, v in raw.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    # the timm alias takes a timm model name; a big_vision variant is refused for timm files
+    assert main(["import-timm", str(DATA / "siglip.safetensors"), "--out", str(tmp_path / "t"),
+                 "--variant", "B/16"]) == 2
+    assert "--timm-model" in capsys.readouterr().err
