@@ -54,6 +54,7 @@ def finetuned(imported, rgb_folder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_trains_on_a_4x2_mesh(imported):
     """Loss and gradients on a 4x2 mesh equal one device's; heads and MLP units of the sequential
     kernels are split over the model axis; a real train step runs on the imported weights."""
@@ -109,6 +110,7 @@ def test_finetune(finetuned):
     assert (model.cfg.block, model.cfg.has_class_token, model.cfg.class_posemb) == ("sequential", True, True)
 
 
+@pytest.mark.slow
 def test_distill_from_the_imported_teacher(finetuned, rgb_folder, tmp_path):
     out = tmp_path / "student"
     assert run_task(distill, ["--teacher", str(finetuned), "--student-preset", "mu/8", "--data",
