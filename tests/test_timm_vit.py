@@ -103,3 +103,19 @@ def test_timm_names(name, expect):
 def test_unknown_timm_name_is_a_config_error():
     with pytest.raises(ConfigError, match="--timm-model"):
         overrides_from_timm_name("resnet50.a1_in1k")
+
+
+def test_import_by_timm_model_name_then_predict(tmp_path, capsys):
+    """`vit22b import --timm-model NAME` takes eps and QuickGELU from the name (the flag overrides
+    its head count: the golden is a 64-wide toy), and the model predicts timm's logits."""
+    from vit22b.cli import main
+
+    g, _ = golden("clip")
+    out = tmp_path / "clip"
+    assert main(["import", str(DATA / "clip.safetensors"), "--out", str(out), "--timm-model",
+                 "vit_base_patch16_clip_quickgelu_224.openai", "--num-heads", "4"]) == 0
+    assert "eps 1e-05, quick_gelu" in capsys.readouterr().out
+    np.save(tmp_path / "x.npy", g["input_nhwc"])
+    assert main(["predict", "--checkpoint", str(out), "--input-npy", str(tmp_path / "x.npy"),
+                 "--output-npy", str(tmp_path / "y.npy"), "--dtype-mm", "float32"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), g["logits"], rtol=0, atol=ATOL)
