@@ -36,6 +36,7 @@ Block = Literal["parallel", "sequential"]
 Norm = Literal["rms", "layer"]
 Head = Literal["map", "gap", "token", "none"]
 Posemb = Literal["learn", "sincos2d"]
+Act = Literal["gelu", "quick_gelu"]
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,21 @@ class ModelConfig:
     head: Head = "map"
     posemb: Posemb = "learn"
     norm_eps: float = 1e-6
+    # --- elements of other ViTs (timm, big_vision checkpoints); defaults = ViT-22B, i.e. off ----
+    # A learned class token prepended to the patch tokens. None: exactly when head="token" (so
+    # configs written before this switch keep their meaning); True also with gap/map pooling.
+    class_token: bool | None = None
+    num_registers: int = 0  # learned register tokens after the class token (DINOv2 "reg")
+    # The prefix tokens (class, registers) get their own learned posemb rows, added after they are
+    # prepended (timm's default, the original ViT/DeiT/CLIP); False: the posemb covers the patches
+    # only and is added before the tokens are prepended (big_vision, ViT-22B, timm no_embed_class).
+    class_posemb: bool = False
+    pre_norm: bool = False  # a norm between posemb and the first block (CLIP's norm_pre)
+    # The final norm on the pooled features instead of on every token (timm's fc_norm, its
+    # default for global average pooling); the tokens in `encoded` are then un-normalised.
+    fc_norm: bool = False
+    layer_scale: bool = False  # per-channel learned scales on both branches (CaiT/DINOv2), sequential
+    act: Act = "gelu"  # "quick_gelu": x * sigmoid(1.702 x), OpenAI CLIP's MLP activation
     head_bias_init: float = 0.0  # -10 for JFT-style sigmoid training (big_vision)
     # --- numerics and memory ----------------------------------------------------------------
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
@@ -108,6 +124,19 @@ class ModelConfig:
         return self.mlp_dim // self.num_heads
 
     @property
+    def has_class_token(self) -> bool:
+        return self.head == "token" if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.has_class_token) + self.num_registers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
     def qk_norm_kind(self) -> Norm:
         return self.qk_norm_type or self.norm
 
@@ -137,7 +166,22 @@ class ModelConfig:
                  "or use block='sequential'.")
         if self.posemb == "sincos2d":
             need(self.width % 4 == 0, f"posemb 'sincos2d' needs width divisible by 4, got {self.width}")
-        for name, allowed in (("block", Block), ("norm", Norm), ("head", Head), ("posemb", Posemb)):
+        need(not (self.head == "token" and self.class_token is False),
+             "head='token' pools the class token: set class_token=True (or None), or pick another head")
+        need(self.num_registers >= 0, f"num_registers must be >= 0, got {self.num_registers}")
+        need(not self.class_posemb or self.num_prefix_tokens > 0,
+             "class_posemb=True gives the prefix tokens posemb rows, but there are none: add "
+             "class_token=True or registers, or set class_posemb=False")
+        need(not self.layer_scale or self.block == "sequential",
+             "layer_scale scales the attention and MLP branches separately, which the parallel "
+             "block's fused out-projection sums: use block='sequential' or layer_scale=False")
+        need(not self.fc_norm or self.head != "none",
+             "fc_norm normalises the pooled features but head='none' pools nothing: pick a head")
+        need(not (self.collective_matmul and self.block == "sequential"),
+             "collective_matmul overlaps the parallel block's fused projections (paper Fig. 3); "
+             "the sequential block has none: drop collective_matmul or use block='parallel'")
+        for name, allowed in (("block", Block), ("norm", Norm), ("head", Head), ("posemb", Posemb),
+                              ("act", Act)):
             need(getattr(self, name) in allowed.__args__,
                  f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
         need(self.qk_norm_type in (None, "rms", "layer"),

@@ -75,6 +75,13 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=approximate)
 
 
+def mlp_act(x: jax.Array, act: str, approximate: bool) -> jax.Array:
+    """The MLP nonlinearity: GELU (exact or tanh form), or OpenAI CLIP's x * sigmoid(1.702 x)."""
+    if act == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return gelu(x, approximate)
+
+
 # "auto" uses the blockwise kernel from this many keys on, on CPUs; below it the [N, N] logits are
 # small enough that XLA's plain lowering wins (see attention.py and bench/README.md).
 BLOCKWISE_FROM_TOKENS = 1024
