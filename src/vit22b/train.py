@@ -326,7 +326,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 flush_metrics()
                 writer.write(step, **{"eval/accuracy": evaluate(predict, state["params"], dataset,
-                                                                 cfg.batch_size)})
+                                                                 cfg.batch_size),
+                                      "eval/train_seconds": time.time() - t_start})
                 window_start = time.time()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 flush_metrics()
@@ -358,7 +359,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     checkpointer.close()
 
     accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
-    writer.write(step, **{"eval/accuracy": accuracy})
+    writer.write(step, **{"eval/accuracy": accuracy, "eval/train_seconds": time.time() - t_start})
     writer.close()
     params = multihost_utils.process_allgather(state["params"], tiled=True)
     if lead:
