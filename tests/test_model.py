@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vit22b.config import ModelConfig
+from vit22b.config import ConfigError, ModelConfig
 from vit22b.model import abstract_model, apply, count_params, init_model, logical_axes, split_params
 from vit22b.posemb import sincos2d
 from vit22b.weights import flatten
@@ -103,8 +103,8 @@ MAP_ALL = MAP_BIASES | {f"map_head/{n}" for n in (
                             "encoder_norm_bias", "map_head/norm_bias"}, set()),
     (dict(mlp_bias=False), set(), {"encoder/mlp_in_bias", "map_head/mlp_in_bias",
                                    "map_head/mlp_out_bias"}),
-    # parallel: the attn-out and MLP-out outputs are summed, so one bias serves both
-    (dict(out_bias=False), set(), set()),
+    # parallel: the attn-out and MLP-out outputs are summed, so one bias serves both (out_bias=False
+    # alone is refused: test_out_bias_alone_is_refused_in_the_parallel_block)
     (dict(mlp_bias=False, out_bias=False), set(), {"encoder/mlp_in_bias", "encoder/out_bias",
                                                    "map_head/mlp_in_bias", "map_head/mlp_out_bias"}),
     (dict(patch_bias=False), set(), {"patch_bias"}),
@@ -321,3 +321,10 @@ def test_simulated_devices_for_sharding_tests():
     if jax.default_backend() != "cpu" or "device_count=8" not in flags:
         pytest.skip("XLA_FLAGS was set by the caller without 8 host devices")
     assert jax.device_count() == 8
+
+
+def test_out_bias_alone_is_refused_in_the_parallel_block(tiny_cfg):
+    """It would change nothing (the fused out-projection has one bias for both branches)."""
+    with pytest.raises(ConfigError, match="one fused bias.*--no-mlp-bias"):
+        tiny_cfg.replace(out_bias=False)
+    assert "encoder/attn_out_bias" not in param_names(tiny_cfg.replace(block="sequential", out_bias=False))

@@ -164,6 +164,11 @@ class ModelConfig:
                  f"mlp_dim {self.mlp_dim} is not divisible by num_heads {self.num_heads}, which "
                  "the parallel block's fused layout needs: pick mlp_dim a multiple of the heads "
                  "or use block='sequential'.")
+        if self.block == "parallel":
+            need(self.out_bias or not self.mlp_bias,
+                 "out_bias=False changes nothing in the parallel block: the attention-out and MLP-out "
+                 "outputs are summed, so they share one fused bias. Drop it with --no-mlp-bias "
+                 "--no-out-bias, or use --block sequential for a separate attention-out bias.")
         if self.posemb == "sincos2d":
             need(self.width % 4 == 0, f"posemb 'sincos2d' needs width divisible by 4, got {self.width}")
         need(not (self.head == "token" and self.class_token is False),
