@@ -13,13 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vit22b.config import ModelConfig
 from vit22b.model import ViT, abstract_model, split_params
 from vit22b.posemb import ResampleMethod
 from vit22b.timm_convert import config_from_timm, flat_to_timm, timm_to_flat
-from vit22b.weights import WeightsError, atomic_write, fit_weights, flatten, read_weights, save_model
+from vit22b.weights import (
+    WeightsError,
+    atomic_write,
+    fit_weights,
+    flatten,
+    read_safetensors,
+    read_weights,
+    save_model,
+)
 
 __all__ = ["load_model", "save_model", "import_timm", "export_timm", "model_from_params"]
 
@@ -52,7 +60,7 @@ def import_timm(src: str | Path, out: str | Path, *, num_heads: int, **config_fl
     `config_flags` are what shapes cannot tell: norm ('layer' for timm's LayerNorm, 'rms' for
     RmsNorm), qk_norm_type, gelu_approximate (timm 'gelu' is exact, 'gelu_tanh' approximate).
     """
-    state = load_file(str(src))
+    state, _ = read_safetensors(src)
     if any(k.startswith("param/") for k in state):  # the golden-reference layout
         state = {k[len("param/"):]: v for k, v in state.items() if k.startswith("param/")}
     cfg = config_from_timm(state, num_heads=num_heads, **config_flags)
