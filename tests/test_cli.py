@@ -139,7 +139,12 @@ def test_train_writes_artifacts(digits_run):
     # (order-independent: a rerun of the finished run appends another final eval record)
     assert sorted({r["step"] for r in records if "train/loss" in r}) == [2, 4]
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
-    assert {r["eval/accuracy"] for r in records if "eval/accuracy" in r} == {final["eval_accuracy"]}
+    evals = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
+    assert sorted(evals) == [1, 2, 3, 4] and evals[4] == final["eval_accuracy"]  # every 10%: each step
+    # --no-progress: a line per --log-every steps, per evaluation and per checkpoint save
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("step ")] == [
+        "step 1/4", "step 2/4", "step 2/4", "step 2/4", "step 3/4", "step 4/4", "step 4/4"]
+    assert f"step 4/4: checkpoint -> {workdir.absolute()}/checkpoints/4" in out
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
 
     cfg = ModelConfig.from_json((workdir / "config.json").read_text())
@@ -301,7 +306,7 @@ def test_bad_training_flags_exit_cleanly(tmp_path, flags):
     """OptimConfig/TrainConfig raise ValueError on bad values: exit 2, not a traceback."""
     rc, _, err = cli(*TINY_TRAIN, *flags, "--workdir", tmp_path / "w")
     assert rc == 2 and "vit22b train: error:" in err
-    assert ("divisible by grad_accum 4" in err) or ("learning rate must be positive" in err)
+    assert ("--batch-size 30 is not divisible by --grad-accum 4" in err) or ("--lr -1.0: must be > 0" in err)
 
 
 # --- predict --------------------------------------------------------------------------------

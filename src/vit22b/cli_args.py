@@ -72,12 +72,16 @@ _TRAIN_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "clip": (0, True, None, "1.0 (0: off)"),
     "image_size": (1, True, None, "16"),
     "label_smoothing": (0, True, 1, "0.1"),
-    "seed": (0, True, None, "0"),
+    "seed": (0, True, 2**32, "0"),  # numpy and jax.random.key take any seed below 2^32
     "num_processes": (1, True, None, "2"),
     "process_id": (0, True, None, "0"),
     "model_norm_eps": (0, False, None, "1e-6"),
     "model_head_bias_init": (-math.inf, False, None, "-2.2"),
 }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def check_value(flag: str, value: float, low: float, low_inclusive: bool, high: float | None,
@@ -88,8 +92,8 @@ def check_value(flag: str, value: float, low: float, low_inclusive: bool, high: 
     too_low = value < low if low_inclusive else value <= low
     too_high = high is not None and value >= high
     if too_low or too_high:
-        bound = (f"in {'[' if low_inclusive else '('}{low:g}, {high:g})" if high is not None
-                 else f"{'>=' if low_inclusive else '>'} {low:g}")
+        bound = (f"in {'[' if low_inclusive else '('}{_num(low)}, {_num(high)})" if high is not None
+                 else f"{'>=' if low_inclusive else '>'} {_num(low)}")
         raise ConfigError(f"{flag} {value}: must be {bound}, e.g. {flag} {example}")
 
 

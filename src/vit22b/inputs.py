@@ -51,8 +51,9 @@ def model_inputs(x: np.ndarray, image_size: int, in_channels: int, source: str =
     if not finite.all():
         raise DataError(f"{source}: {int(x.size - finite.sum())} NaN/Inf value(s): the model needs finite "
                         "images (float in [-1, 1] or uint8 0..255)")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - RANGE_SLACK or hi > 1 + RANGE_SLACK:
+    lo, hi = x.min(), x.max()
+    limit = np.float32(1 + RANGE_SLACK)  # in float32, so a float32 1.001 is inside
+    if lo < -limit or hi > limit:
         raise DataError(f"{source}: float values span [{lo:g}, {hi:g}] but the model takes [-1, 1] (as "
                         "trained: uint8 / 127.5 - 1): rescale, or pass uint8 0..255 to be scaled")
     return x.astype(np.float32)
