@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as e:  # saved and said so: 130 (SIGINT) / 143 (SIGTERM)
         return e.exit_code
-    except KeyboardInterrupt:  # before training started: nothing to save
+    except KeyboardInterrupt:  # outside the training loop (e.g. while loading): nothing to save
+        print(f"vit22b {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
