@@ -298,7 +298,7 @@ def test_folder_of_corrupt_images(tmp_path):
         (root / name / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
         (root / name / "y.png").write_bytes(b"")
     rc, _, err = cli("train", "--data", root, "--workdir", tmp_path / "w", "--no-progress")
-    assert rc == 2 and "none of the 4 image files" in err and "could be decoded" in err
+    assert rc == 2 and "none of the 4 image files" in err and "could be opened" in err
     assert not (tmp_path / "w").exists()
 
 

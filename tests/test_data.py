@@ -11,7 +11,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from vit22b.data import DataError, ImageDataset, load_dataset, load_digits_dataset, load_image_folder
+from vit22b.data import DataError, ImageDataset, load_dataset, load_digits_dataset
+from vit22b.folders import load_image_folder
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 220, 40), "red": (230, 30, 20)}
 
@@ -205,7 +206,7 @@ def test_folder_split_is_deterministic_per_seed(tmp_path):
 
 
 def test_folder_batches_format_and_colours(folder):
-    batch = next(folder.train_batches(6, seed=0))
+    batch = next(folder.train_batches(6, workers=0, seed=0))
     assert batch["image"].shape == (6, 8, 8, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (6,)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
@@ -217,20 +218,21 @@ def test_folder_batches_format_and_colours(folder):
 
 
 def test_folder_determinism_resume_and_augmentation(folder):
-    full = take(folder.train_batches(4, seed=3), 8)  # 12 train images: an epoch is 3 steps
-    assert_batches_equal(take(folder.train_batches(4, seed=3), 8), full)
-    assert_batches_equal(take(folder.train_batches(4, seed=3, start_step=5), 3), full[5:])
-    other = next(folder.train_batches(4, seed=4))
+    full = take(folder.train_batches(4, workers=0, seed=3), 8)  # 12 train images: an epoch is 3 steps
+    assert_batches_equal(take(folder.train_batches(4, workers=0, seed=3), 8), full)
+    assert_batches_equal(take(folder.train_batches(4, workers=0, seed=3, start_step=5), 3), full[5:])
+    other = next(folder.train_batches(4, workers=0, seed=4))
     assert not np.array_equal(other["image"], full[0]["image"])
     # augmentation (random crops and flips) changes the pixels of the same examples
-    plain = next(folder.train_batches(4, seed=3, augment=False))
+    plain = next(folder.train_batches(4, workers=0, seed=3, augment=False))
     np.testing.assert_array_equal(plain["label"], full[0]["label"])
     assert not np.allclose(plain["image"], full[0]["image"])
 
 
 def test_folder_multiprocess_shares(folder):
-    whole = take(folder.train_batches(6, seed=2, start_step=3), 2)
-    shares = [take(folder.train_batches(3, seed=2, start_step=3, process_index=i, process_count=2), 2)
+    whole = take(folder.train_batches(6, workers=0, seed=2, start_step=3), 2)
+    shares = [take(folder.train_batches(3, workers=0, seed=2, start_step=3, process_index=i,
+                                        process_count=2), 2)
               for i in range(2)]
     for s in range(2):
         for key in ("image", "label"):
@@ -317,7 +319,7 @@ def test_error_batch_size(digits, folder):
     with pytest.raises(DataError, match="between 1 and 718"):
         next(digits.train_batches(719, process_count=2))
     with pytest.raises(DataError, match="batch size"):
-        next(folder.train_batches(13))
+        next(folder.train_batches(13, workers=0))
     with pytest.raises(DataError, match="positive batch size"):
         next(digits.eval_batches(0))
     with pytest.raises(DataError, match="process_index"):
@@ -361,8 +363,8 @@ def test_folder_transforms_flip_and_central_crop(tmp_path):
         ramps = np.concatenate([b["image"][..., 0].mean(axis=1) for b in batches])
         return (ramps[:, -1] < ramps[:, 0]).mean()
 
-    assert ramp_falls(take(ds.train_batches(8, augment=False), 3)) == 0
-    assert 0.25 < ramp_falls(take(ds.train_batches(8, seed=1), 8)) < 0.75  # ~half flipped
+    assert ramp_falls(take(ds.train_batches(8, workers=0, augment=False), 3)) == 0
+    assert 0.25 < ramp_falls(take(ds.train_batches(8, workers=0, seed=1), 8)) < 0.75  # ~half flipped
 
 
 def test_eval_batches_over_the_train_split_cover_it_in_order(digits):

@@ -195,3 +195,31 @@ def test_crash_mid_save_keeps_previous_file(tmp_path, tiny_cfg, random_params, m
     assert cfg == tiny_cfg
     for name, value in as_numpy_flat(old).items():
         np.testing.assert_array_equal(flat[name], value)
+
+
+def test_channel_adaptation_equals_gray_replicated_to_rgb(tmp_path):
+    """An RGB checkpoint on 1-channel data (timm's adapt_input_conv rule) computes exactly what the
+    RGB model computes on the gray image replicated to three channels; and 1 -> 3 is the gray model
+    on the channel mean."""
+    import jax
+
+    from vit22b.api import load_model
+    from vit22b.config import preset
+    from vit22b.model import init_model, split_params
+    from vit22b.weights import adapt_input_channels, save_model
+
+    rgb_cfg = preset("mu/4", image_size=8, in_channels=3, num_classes=5, dtype_mm="float32")
+    _, params = split_params(init_model(rgb_cfg, seed=1))
+    save_model(tmp_path / "rgb", jax.device_get(params), rgb_cfg)
+    gray = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    as_rgb = load_model(tmp_path / "rgb")(np.repeat(gray, 3, axis=-1))[0]
+    adapted = load_model(tmp_path / "rgb", in_channels=1)(gray)[0]
+    np.testing.assert_allclose(np.asarray(adapted), np.asarray(as_rgb), rtol=1e-5, atol=1e-5)
+
+    kernel = np.random.default_rng(1).standard_normal((4, 4, 1, 6)).astype(np.float32)
+    colour = np.random.default_rng(2).standard_normal((4, 4, 3)).astype(np.float32)
+    wide = adapt_input_channels(kernel, 3)
+    np.testing.assert_allclose(np.einsum("hwc,hwcd->d", colour, wide),
+                               np.einsum("hw,hwd->d", colour.mean(-1), kernel[:, :, 0]), rtol=1e-5)
+    with pytest.raises(WeightsError, match="only 1 <-> C"):
+        adapt_input_channels(np.zeros((4, 4, 3, 6), np.float32), 4)

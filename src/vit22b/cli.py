@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 from vit22b.cli_args import OneLineParser, check_train_args, join_negative_values
 from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.plan import add_plan_parser
+from vit22b.recipes import RECIPES
 
-DIGITS_PRESET, DIGITS_IMAGE_SIZE = "nano/4", 16
-FOLDER_PRESET, FOLDER_IMAGE_SIZE = "Ti/16", 224
 # Model fields the data decide; not flags.
 _DATA_FIELDS = {"num_classes", "in_channels", "image_size"}
 
@@ -49,29 +47,41 @@ def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train (or resume) a model; no arguments: digits, in minutes")
-    p.add_argument("--data", default="digits", help="'digits' (bundled) or an image folder "
-                   "(one sub-folder per class)")
+    p.add_argument("--data", default="digits", help="'digits' (bundled), 'fashion-mnist' (Debian package "
+                   "dataset-fashion-mnist), 'idx:DIR' (MNIST-format files), a `vit22b prepare-data` "
+                   "directory, or an image folder (one sub-folder per class)")
     p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--preset", default=None,
-                   help=f"e.g. B/16 (default {DIGITS_PRESET} on digits, {FOLDER_PRESET} on folders)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--workdir", default=None, help="default workdirs/<data name>")
-    p.add_argument("--steps", type=int, default=None, help="default 1500 on digits, 10000 else")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid")
-    p.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default="adafactor")
-    p.add_argument("--lr", type=float, default=None, help="peak (default 1e-3; 3e-3 on digits)")
-    p.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default="rsqrt")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out share of a folder's images (default 0.2; 0.1 with --holdout train)")
+    p.add_argument("--holdout", choices=["test", "train"], default="test",
+                   help="MNIST-format data: evaluate on the test split, or on a held-out part of the "
+                   "training images (for choosing a recipe without touching the test split)")
+    g = p.add_argument_group("recipe (unset flags: the data set's recipe in recipes.py, else the paper's)")
+    g.add_argument("--preset", default=None, help="e.g. B/16 (digits: nano/4, fashion-mnist: "
+                   f"{RECIPES['fashion-mnist'].preset}, folders: Ti/16)")
+    g.add_argument("--image-size", type=int, default=None, help="default: the data set's native size "
+                   "(digits 16, folders 224)")
+    g.add_argument("--steps", type=int, default=None, help="default 1500 on digits, "
+                   f"{RECIPES['fashion-mnist'].steps} on fashion-mnist, 10000 else")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--loss", choices=["sigmoid", "softmax"], default=None, help="default sigmoid (paper)")
+    g.add_argument("--label-smoothing", type=float, default=None)
+    g.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default=None,
+                   help="default adafactor (paper)")
+    g.add_argument("--lr", type=float, default=None, help="peak (default 1e-3; 3e-3 on digits)")
+    g.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default=None, help="default rsqrt")
+    g.add_argument("--warmup", type=int, default=None,
                    help="steps (default: the paper's 10k/177k of the run)")
-    p.add_argument("--cooldown", type=int, default=None, help="default: the paper's 30k/177k of the run")
-    p.add_argument("--timescale", type=int, default=None, help="rsqrt timescale (default = warmup)")
-    p.add_argument("--wd", type=float, default=0.03, help="decoupled weight decay (x lr)")
-    p.add_argument("--head-wd-mult", type=float, default=100.0)
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--no-augment", action="store_true")
+    g.add_argument("--cooldown", type=int, default=None, help="default: the paper's 30k/177k of the run")
+    g.add_argument("--timescale", type=int, default=None, help="rsqrt timescale (default = warmup)")
+    g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (x lr; default 0.03)")
+    g.add_argument("--head-wd-mult", type=float, default=None, help="default 100 (paper)")
+    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--no-augment", action="store_true")
+    p.add_argument("--workdir", default=None, help="default workdirs/<data name>")
+    p.add_argument("--data-workers", type=int, default=None, help="processes decoding streamed images "
+                   "(folders, prepare-data dirs; default: cores - 1, at most 8; 0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--keep-checkpoints", type=int, default=3)
@@ -112,38 +122,34 @@ def _given(value: Any, default: Any) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vit22b.data import load_dataset
-    from vit22b.optim import OptimConfig
+    from vit22b.recipes import model_config_for, optim_config_for, recipe_for
     from vit22b.train import TrainConfig, train
 
     check_train_args(args)  # before any work: a bad flag costs nothing and writes nothing
     init_distributed(args)
-    digits = args.data == "digits"
-    image_size = _given(args.image_size, DIGITS_IMAGE_SIZE if digits else FOLDER_IMAGE_SIZE)
-    dataset = load_dataset(args.data, image_size, val_path=args.val_data,
-                           val_fraction=args.val_fraction, seed=args.seed)
-    overrides = _model_overrides(args)
-    if args.loss == "sigmoid":  # start near the label prior: sigma(b) ~ 1/classes
-        overrides.setdefault("head_bias_init", -math.log(max(dataset.num_classes - 1, 1)))
-    model_cfg = preset(args.preset or (DIGITS_PRESET if digits else FOLDER_PRESET),
-                       image_size=image_size, in_channels=dataset.in_channels,
-                       num_classes=dataset.num_classes, **overrides)
-    steps = _given(args.steps, 1500 if digits else 10_000)
-    warmup = args.warmup if args.warmup is not None else round(steps * 10 / 177)
-    optim = OptimConfig(
-        optimizer=args.optimizer, learning_rate=_given(args.lr, 3e-3 if digits else 1e-3),
-        schedule=args.schedule, warmup_steps=warmup,
-        cooldown_steps=args.cooldown if args.cooldown is not None else round(steps * 30 / 177),
-        timescale=_given(args.timescale, max(warmup, 1)), weight_decay=args.wd,
-        head_wd_mult=args.head_wd_mult, grad_clip_norm=args.clip)
-    name = "digits" if digits else Path(args.data).name
+    recipe = recipe_for(args.data)
+    val_fraction = _given(args.val_fraction, 0.1 if args.holdout == "train" else 0.2)
+    dataset = load_dataset(args.data, _given(args.image_size, recipe.image_size), val_path=args.val_data,
+                           val_fraction=val_fraction, seed=args.seed, holdout=args.holdout)
+    loss = _given(args.loss, recipe.loss)
+    model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, args.preset,
+                                 **_model_overrides(args))
+    steps = _given(args.steps, recipe.steps)
+    flags = {"optimizer": args.optimizer, "learning_rate": args.lr, "schedule": args.schedule,
+             "warmup_steps": args.warmup, "cooldown_steps": args.cooldown, "timescale": args.timescale,
+             "weight_decay": args.wd, "head_wd_mult": args.head_wd_mult, "grad_clip_norm": args.clip}
+    optim = optim_config_for(recipe, steps, **{k: v for k, v in flags.items() if v is not None})
+    name = Path(args.data.removeprefix("idx:")).name  # 'digits', 'fashion-mnist' or the folder's name
     cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
-                      data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
-                      batch_size=args.batch_size, mesh=args.mesh, steps=steps, grad_accum=args.grad_accum,
-                      loss=args.loss, augment=not args.no_augment, seed=args.seed,
+                      data=args.data, val_data=args.val_data, val_fraction=val_fraction,
+                      holdout=args.holdout, batch_size=_given(args.batch_size, recipe.batch_size),
+                      mesh=args.mesh, steps=steps, grad_accum=args.grad_accum, loss=loss,
+                      label_smoothing=_given(args.label_smoothing, recipe.label_smoothing),
+                      augment=not args.no_augment, data_workers=args.data_workers, seed=args.seed,
                       log_every=args.log_every, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                       progress=not args.no_progress)
-    print(f"training {args.preset or 'default'} ({model_cfg.width}w x {model_cfg.depth}d, "
+    print(f"training {args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
           f"{dataset.num_classes} classes -> {cfg.workdir}")
@@ -151,6 +157,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"held-out accuracy: {100 * result['eval_accuracy']:.2f}% on {result['eval_examples']} "
           f"images after {result['steps']} steps, {result['seconds']:.0f} s "
           f"(results: {cfg.workdir}/final.json)")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from vit22b.records import prepare
+
+    info = prepare(args.src, args.out, val_src=args.val, val_fraction=args.val_fraction,
+                   seed=args.seed, images_per_shard=args.images_per_shard)
+    counts = ", ".join(f"{k} {v['count']} images in {len(v['shards'])} shard(s)"
+                       for k, v in info["splits"].items())
+    print(f"wrote {args.out}: {len(info['classes'])} classes, {counts}; {info['skipped_files']} unreadable "
+          f"file(s) skipped. Train with: vit22b train --data {args.out}")
     return 0
 
 
@@ -253,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_plan_parser(sub)
+
+    p = sub.add_parser("prepare-data", help="image folder -> sharded ArrayRecord files for fast training")
+    p.add_argument("src", help="folder with one sub-folder per class")
+    p.add_argument("--out", required=True, help="new directory for the shards")
+    p.add_argument("--val", default=None, help="a val folder with the same classes")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="without --val: hold out this share of SRC as the val split (0: none)")
+    p.add_argument("--images-per-shard", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("info", help="parameter count and FLOPs of a preset")
     p.add_argument("preset")

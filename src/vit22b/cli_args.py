@@ -75,6 +75,7 @@ _TRAIN_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "seed": (0, True, 2**32, "0"),  # numpy and jax.random.key take any seed below 2^32
     "num_processes": (1, True, None, "2"),
     "process_id": (0, True, None, "0"),
+    "data_workers": (0, True, None, "1 (0: in the training process)"),
     "model_norm_eps": (0, False, None, "1e-6"),
     "model_head_bias_init": (-math.inf, False, None, "-2.2"),
 }
@@ -104,7 +105,7 @@ def check_train_args(args: argparse.Namespace) -> None:
         value: Any = getattr(args, dest, None)
         if value is not None:
             check_value(_flag(dest), value, low, inclusive, high, example)
-    if args.batch_size % args.grad_accum:
+    if args.batch_size is not None and args.batch_size % args.grad_accum:
         raise ConfigError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
                           f"{args.grad_accum}: use a batch size that is a multiple of it")
     if not MESH_PATTERN.match(args.mesh):

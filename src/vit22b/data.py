@@ -7,29 +7,42 @@ the train split's examples in a fresh permutation per epoch (seeded by (seed, ep
 straddle an epoch boundary. With several processes, step s's global batch is `batch_size *
 process_count` consecutive stream positions and process i gets the i-th slice of it.
 
-Digits live in memory as uint8 and are batched and augmented (random translation) with whole-batch
-numpy ops, a fraction of a millisecond per batch. Folder images are decoded per element through a
-grain `MapDataset` (random access, per-element seeded `random_map`, no worker processes). The
+In-memory data sets (digits, MNIST-format files such as Fashion-MNIST: see idx.py) hold uint8 images
+and are batched and augmented (random translation, flips where the data allow) with whole-batch
+numpy ops, a fraction of a millisecond per batch. Encoded images (folders, ArrayRecord shards) are
+streamed: decoded per element in grain worker processes with prefetch (image_files.py). The
 per-epoch order is a numpy permutation rather than grain's `shuffle`: grain's index shuffle costs
-~25 us per element, 3 ms for a batch of 128, too slow for the digits stream.
+~25 us per element, 3 ms for a batch of 128, too slow for the in-memory stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grain
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+from vit22b.image_files import (
+    DecodeTrainExample,
+    EncodedImages,
+    ImageFiles,
+    decode_eval_batch,
+    eval_image,
+    normalise,
+    stream_batches,
+)
+
 Batch = dict[str, np.ndarray]
+
+
+def default_workers() -> int:
+    """Decoding processes for streamed data: all cores but one (the step needs one), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 class DataError(ValueError):
@@ -38,14 +51,18 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-    """One split: labels plus either in-memory images (digits) or image files (folders)."""
+    """One split: labels plus either in-memory images or encoded ones (files, ArrayRecord records)."""
 
     labels: np.ndarray  # int32 [N]
     images: np.ndarray | None = None  # uint8 [N, S, S, C], already at image_size
-    paths: tuple[str, ...] = ()  # decoded on demand
+    encoded: EncodedImages | None = None  # decoded on demand
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.encoded.paths if isinstance(self.encoded, ImageFiles) else ()
 
 
 class _EpochOrder:
@@ -80,32 +97,13 @@ class _EpochOrder:
         return out
 
 
-def _normalise(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        if im.mode == "P":  # palette (maybe with transparency): go through RGBA, as PIL advises
-            im = im.convert("RGBA")
-        return im.convert("RGB")  # also fully decodes: raises on truncated/corrupt data
-
-
-def _eval_image(path: str, size: int) -> np.ndarray:
-    """Shorter side -> round(size * 8 / 7), then the central size x size crop (256/224 ratio)."""
-    im = _open_rgb(path)
-    w, h = im.size
-    short = round(size * 8 / 7)
-    nw, nh = (short, max(size, round(h * short / w))) if w <= h else (max(size, round(w * short / h)), short)
-    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+_normalise = normalise
 
 
 def load_image(path: str | Path, image_size: int, in_channels: int = 3) -> np.ndarray:
     """One image file as the model sees it at evaluation: float32 [S, S, C] in [-1, 1]."""
     try:
-        image = _eval_image(str(path), image_size)
+        image = eval_image(str(path), image_size)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {str(path)!r} ({e}): pass a JPEG/PNG file") from e
     if in_channels == 1:  # ITU-R 601 luma, as PIL's "L" mode
@@ -113,26 +111,7 @@ def load_image(path: str | Path, image_size: int, in_channels: int = 3) -> np.nd
     return _normalise(image)
 
 
-def _train_image(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random-resized crop (area 0.35..1, aspect 3/4..4/3) to size x size, then a random flip."""
-    im = _open_rgb(path)
-    w, h = im.size
-    for _ in range(10):
-        area = w * h * rng.uniform(0.35, 1.0)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            box = (x, y, x + cw, y + ch)
-            break
-    else:  # no sample fitted (extreme aspect ratio): central square crop
-        s = min(w, h)
-        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
-    return out[:, ::-1] if rng.random() < 0.5 else out
-
-
-def _thread_map(fn: Callable[[str], np.ndarray], paths: Sequence[str]) -> list[np.ndarray]:
+def _thread_map(fn: Callable[[str], object], paths: Sequence[str]) -> list:
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(fn, paths))
 
@@ -174,11 +153,14 @@ class ImageDataset:
 
     def train_batches(
         self, batch_size: int, *, seed: int = 0, start_step: int = 0, augment: bool = True,
-        process_index: int = 0, process_count: int = 1,
+        process_index: int = 0, process_count: int = 1, workers: int | None = None,
     ) -> Iterator[Batch]:
         """Infinite {"image": f32 [B, S, S, C] in [-1, 1], "label": i32 [B]}; batch s = f(seed, s).
 
         `batch_size` is per process; process i of n gets slice i of the global batch (B * n).
+        Streamed (encoded) data add "skipped_index" i64 [B]: the example an undecodable file was
+        replaced for, -1 for none. `workers`: decoding processes (None: `default_workers()`; 0:
+        decode in this process); the batches are the same for any count.
         """
         global_batch = batch_size * process_count
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -195,20 +177,11 @@ class ImageDataset:
             yield from self._memory_batches(order, batch_size, process_count, process_index, seed,
                                             start_step, augment)
             return
-        paths, labels, size = self.train.paths, self.train.labels, self.image_size
-
-        def element(i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-            image = _train_image(paths[i], size, rng) if augment else _eval_image(paths[i], size)
-            return {"image": _normalise(image), "label": labels[i]}
-
-        # Position k of the stream is decoded with an rng seeded by (seed, k): the same in every
-        # process layout. Global step s = per-process batches s*n .. s*n + n - 1.
-        batches = grain.MapDataset.source(order).random_map(element, seed=seed).batch(
-            batch_size, drop_remainder=True)
-        step = start_step
-        while True:
-            yield batches[step * process_count + process_index]
-            step += 1
+        element = DecodeTrainExample(self.train.encoded, self.train.labels, order, self.image_size,
+                                     augment, self.in_channels)
+        yield from stream_batches(element, batch_size, seed=seed, start_step=start_step,
+                                  process_index=process_index, process_count=process_count,
+                                  workers=default_workers() if workers is None else workers)
 
     def _memory_batches(
         self, order: _EpochOrder, batch_size: int, process_count: int, process_index: int,
@@ -240,7 +213,7 @@ class ImageDataset:
 
     def eval_batches(self, batch_size: int, split: str = "val") -> Iterator[Batch]:
         """One in-order pass over a split (val by default) without augmentation; the last batch is
-        padded, "mask" marks the real examples."""
+        padded, "mask" marks the real examples (and is False for a file that fails to decode)."""
         if batch_size <= 0:
             raise DataError(f"eval batch_size={batch_size}: use a positive batch size.")
         if split not in ("train", "val"):
@@ -249,11 +222,13 @@ class ImageDataset:
         for start in range(0, len(data), batch_size):
             labels = data.labels[start:start + batch_size]
             if data.images is not None:
-                images = data.images[start:start + batch_size]
-            else:
-                paths = data.paths[start:start + batch_size]
-                images = np.stack(_thread_map(lambda p: _eval_image(p, self.image_size), paths))
-            yield _pad_batch(images, labels, batch_size)
+                yield _pad_batch(data.images[start:start + batch_size], labels, batch_size)
+                continue
+            images, ok = decode_eval_batch(data.encoded, range(start, start + len(labels)),
+                                           self.image_size, self.in_channels)
+            batch = _pad_batch(images, labels, batch_size)
+            batch["mask"][:len(ok)] &= ok
+            yield batch
 
 
 def _digits_to_uint8(images: np.ndarray, size: int) -> np.ndarray:
@@ -282,53 +257,6 @@ def load_digits_dataset(image_size: int = 16) -> ImageDataset:
         val=Split(y_val.astype(np.int32), images=_digits_to_uint8(x_val, image_size)))
 
 
-def _readable(path: str) -> bool:
-    try:
-        _open_rgb(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
-
-
-def _scan_folder(root: Path, what: str) -> tuple[tuple[str, ...], list[str], np.ndarray, int]:
-    """Class names, readable image paths, their labels, and the number of unreadable files skipped."""
-    if not root.exists():
-        raise DataError(f"{what} {str(root)!r} does not exist: pass an existing folder with one "
-                        "sub-folder per class, or 'digits' for the bundled toy dataset.")
-    if not root.is_dir():
-        raise DataError(f"{what} {str(root)!r} is a file, not a folder: pass the folder that holds "
-                        "one sub-folder per class (<folder>/<class>/<image>).")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{what} {str(root)!r} has no class sub-folders: put each class's images in "
-                        "their own sub-folder, <folder>/<class>/<image>.")
-    files: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = sorted(str(p) for p in (root / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not found:
-            raise DataError(f"class folder {str(root / name)!r} holds no image files "
-                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder.")
-        files += found
-        labels += [label] * len(found)
-    ok = np.array(_thread_map(_readable, files), dtype=bool)
-    bad = [f for f, good in zip(files, ok, strict=True) if not good]
-    if not ok.any():
-        raise DataError(f"none of the {len(files)} image files under {str(root)!r} could be decoded "
-                        f"(all {len(bad)} skipped as corrupt or truncated, e.g. {bad[:3]}): "
-                        "check the files, e.g. open them with PIL.")
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {str(root)!r}, e.g. {bad[:3]}",
-                      stacklevel=3)
-    label_arr = np.asarray(labels, dtype=np.int32)[ok]
-    for label, name in enumerate(classes):
-        if not (label_arr == label).any():
-            raise DataError(f"class {name!r} in {str(root)!r} has no readable image: replace its "
-                            "corrupt files or remove the folder.")
-    return tuple(classes), [f for f, good in zip(files, ok, strict=True) if good], label_arr, len(bad)
-
-
 def _stratified_split(labels: np.ndarray, classes: Sequence[str], val_fraction: float,
                       seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), each in the original order; round(fraction * n_c) of class c to val."""
@@ -344,31 +272,6 @@ def _stratified_split(labels: np.ndarray, classes: Sequence[str], val_fraction: 
         val.append(rng.permutation(members)[:n_val])
     val_idx = np.sort(np.concatenate(val))
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
-
-
-def load_image_folder(path: str | Path, image_size: int, *, val_path: str | Path | None = None,
-                      val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
-    """A folder with one sub-folder per class; every file is decoded once here, corrupt ones skipped."""
-    if image_size <= 0:
-        raise DataError(f"image_size={image_size}: use a positive image size (e.g. 224).")
-    classes, files, labels, skipped = _scan_folder(Path(path), "dataset folder")
-    if val_path is None:
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction={val_fraction} is not in (0, 1): use e.g. 0.2, or pass a "
-                            "separate val folder.")
-        tr, va = _stratified_split(labels, classes, val_fraction, seed)
-        train = Split(labels[tr], paths=tuple(files[i] for i in tr))
-        val = Split(labels[va], paths=tuple(files[i] for i in va))
-    else:
-        val_classes, val_files, val_labels, val_skipped = _scan_folder(Path(val_path), "val folder")
-        if val_classes != classes:
-            raise DataError(f"val folder {str(val_path)!r} has classes {list(val_classes)} but the train "
-                            f"folder {str(path)!r} has {list(classes)}: give both the same class "
-                            "sub-folders.")
-        train, val = Split(labels, paths=tuple(files)), Split(val_labels, paths=tuple(val_files))
-        skipped += val_skipped
-    return ImageDataset(name=str(path), class_names=classes, image_size=image_size, in_channels=3,
-                        train=train, val=val, skipped=skipped)
 
 
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
@@ -423,7 +326,8 @@ def _checked(dataset: ImageDataset) -> ImageDataset:
 def load_dataset(source: str, image_size: int | None, *, val_path: str | Path | None = None,
                  val_fraction: float = 0.2, seed: int = 0, holdout: str = "test") -> ImageDataset:
     """"digits" (bundled; its split is fixed), "fashion-mnist" or "idx:DIR" (MNIST format, in
-    memory), else an image folder. `image_size=None`: the data set's native size (folders: 224)."""
+    memory), a `vit22b prepare-data` directory (ArrayRecord), else an image folder.
+    `image_size=None`: the data set's native size (folders: 224)."""
     from vit22b.idx import resolve_idx_source
 
     if source == "digits":
@@ -437,5 +341,14 @@ def load_dataset(source: str, image_size: int | None, *, val_path: str | Path | 
                             "--holdout train to hold out part of the training images)")
         return load_idx_dataset(source, image_size, holdout=holdout, val_fraction=val_fraction, seed=seed)
     image_size = image_size or 224
+    from vit22b.records import is_prepared, load_prepared
+
+    if is_prepared(source):
+        if val_path is not None:
+            raise DataError("a prepared (ArrayRecord) directory carries its own val split: drop "
+                            "--val-data, or pass --val to `vit22b prepare-data`")
+        return load_prepared(source, image_size, val_fraction=val_fraction, seed=seed)
+    from vit22b.folders import load_image_folder
+
     return _checked(load_image_folder(source, image_size, val_path=val_path, val_fraction=val_fraction,
                                       seed=seed))

@@ -68,6 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # targets (1 - e) * onehot + e / classes
     holdout: str = "test"  # idx data sets: "test" split, or "train" (val_fraction of the train images)
     augment: bool = True
+    data_workers: int | None = None  # decoding processes for streamed data; None: data.default_workers()
     seed: int = 0
     log_every: int = 50
     eval_every: int | None = None  # None: every 10% of the steps; 0: only at the end
@@ -211,6 +212,7 @@ def make_predict(graphdef: Any, mesh: Mesh | None = None) -> Any:
 
 
 def evaluate(predict: Any, params: Any, dataset: ImageDataset, batch_size: int) -> float:
+    """Top-1 accuracy over the val split (examples whose file fails to decode are left out)."""
     correct = total = 0
     for batch in dataset.eval_batches(batch_size):
         logits = np.asarray(predict(params, batch["image"]))
@@ -290,11 +292,12 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     batches = dataset.train_batches(cfg.batch_size // jax.process_count(), seed=cfg.seed,
                                     start_step=start, augment=cfg.augment,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(), workers=cfg.data_workers)
+    skipped_indices: set[int] = set()  # train examples whose file failed to decode (replaced)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    window_start, window_steps = time.time(), 0
+    window_start, window_steps, window_wait = time.time(), 0, 0.0
     step = start
 
     def say(message: str) -> None:
@@ -308,7 +311,7 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     def flush_metrics(log: bool = False) -> None:
         """Fetch the queued per-step metrics (one host sync), stop on a non-finite step; `log`:
         also print them when there is no progress bar to show them."""
-        nonlocal window_start, window_steps
+        nonlocal window_start, window_steps, window_wait
         if not pending:
             return
         fetched = jax.device_get([mt for _, mt in pending])
@@ -320,16 +323,19 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
                     f"{checkpointer.latest_step()}. Lower --lr, raise --warmup, or check the data.")
         elapsed = time.time() - window_start
         img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+        wait_ms = 1000 * window_wait / max(window_steps, 1)
         last_step, last = pending[-1][0] + 1, fetched[-1]
         lr = float(schedule(last_step - 1))
         writer.write(last_step, **{"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
                                    "train/param_norm": last["param_norm"], "train/lr": lr,
-                                   "train/images_per_second": img_s})
-        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}")
+                                   "train/images_per_second": img_s, "train/data_wait_ms": wait_ms,
+                                   "data/skipped_files": dataset.skipped + len(skipped_indices)})
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", data_ms=f"{wait_ms:.1f}")
         if log and not cfg.progress:
-            say(f"step {last_step}/{cfg.steps}: loss {last['loss']:.4f}, lr {lr:.2e}, {img_s:.0f} img/s")
+            say(f"step {last_step}/{cfg.steps}: loss {last['loss']:.4f}, lr {lr:.2e}, {img_s:.0f} img/s, "
+                f"data wait {wait_ms:.1f} ms")
         pending.clear()
-        window_start, window_steps = time.time(), 0
+        window_start, window_steps, window_wait = time.time(), 0, 0.0
 
     def close() -> None:
         bar.close()
@@ -339,7 +345,12 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     with StopSignals() as signals:  # Ctrl-C / SIGTERM: finish the step, save, stop (interrupt.py)
         try:
             while step < cfg.steps:
+                t_wait = time.perf_counter()
                 batch = next(batches)
+                window_wait += time.perf_counter() - t_wait
+                skipped = batch.pop("skipped_index", None)
+                if skipped is not None:
+                    skipped_indices.update(int(i) for i in skipped[skipped >= 0])
                 state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 step += 1
@@ -347,7 +358,7 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
                 bar.update(1)
                 if step == start + 1:  # keep compilation out of the img/s figure
                     jax.block_until_ready(metrics)
-                    window_start, window_steps = time.time(), 0
+                    window_start, window_steps, window_wait = time.time(), 0, 0.0
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     flush_metrics(log=True)
                 if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
@@ -372,6 +383,8 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
         except TrainingError:
             close()
             raise
+        finally:
+            batches.close()  # stops the decoding workers, if any
     bar.close()
     checkpointer.close()
 
@@ -384,7 +397,7 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     result = {"eval_accuracy": accuracy, "steps": step, "seconds": time.time() - t_start,
               "resumed_from": start or None, "eval_examples": dataset.val_size,
               "train_examples": dataset.train_size, "data": dataset.name,
-              "batch_size": cfg.batch_size}
+              "batch_size": cfg.batch_size, "skipped_files": dataset.skipped + len(skipped_indices)}
     if lead:
         (workdir / "final.json").write_text(json.dumps(result, indent=2))
     return result

@@ -123,6 +123,19 @@ def read_weights(location: str | Path) -> tuple[dict[str, np.ndarray], ModelConf
     return flat, ModelConfig.from_json(cfg_text) if cfg_text else None
 
 
+def adapt_input_channels(kernel: np.ndarray, channels: int) -> np.ndarray:
+    """A patch kernel [p, p, C, D] for `channels` input channels, as timm's `adapt_input_conv`:
+    RGB -> 1 sums the kernel over channels (exactly the RGB model on a gray image replicated to
+    RGB); 1 -> C repeats it, scaled by 1/C (the gray model on the channel mean of a colour image)."""
+    have = kernel.shape[2]
+    if channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    if have == 1:
+        return np.repeat(kernel, channels, axis=2) / channels
+    raise WeightsError(f"cannot adapt a {have}-channel patch kernel to {channels} channels: only 1 <-> C "
+                       "is defined (sum over channels, or repeat and scale)")
+
+
 def fit_weights(flat: dict[str, np.ndarray], expected: Params, *,
                 resample: ResampleMethod = "bv_linear", skip: tuple[str, ...] = ()) -> Params:
     """Check `flat` against the expected params tree (arrays or ShapeDtypeStructs) and return a
@@ -147,6 +160,9 @@ def fit_weights(flat: dict[str, np.ndarray], expected: Params, *,
         value = np.asarray(flat[name], np.float32)
         if name == "pos_embedding" and value.shape != tuple(target.shape):
             value = resample_posemb(value, int(round(np.sqrt(target.shape[1]))), resample)
+        if name == "patch_kernel" and value.shape[:2] + value.shape[3:] == tuple(target.shape[:2]) + tuple(
+                target.shape[3:]) and value.shape[2] != target.shape[2]:
+            value = adapt_input_channels(value, int(target.shape[2]))
         if value.shape != tuple(target.shape):
             raise WeightsError(
                 f"tensor {name!r} has shape {value.shape} in the file but {tuple(target.shape)} "

@@ -27,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vit22b.config import ModelConfig
-from vit22b.data import DataError, ImageDataset, load_dataset
+from vit22b.data import ImageDataset, load_dataset
 from vit22b.model import ViT
 
 TOKEN_FEATURES = ("stem", "with_posemb", "encoded")
@@ -37,7 +37,9 @@ TOKEN_FEATURES = ("stem", "with_posemb", "encoded")
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """--checkpoint, --data, --val-data, --image-size, --batch-size, --out, --no-progress."""
     p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--data", default="digits", help="'digits' or an image folder (one sub-folder per class)")
+    p.add_argument("--data", default="digits", help="'digits', 'fashion-mnist', 'idx:DIR', a prepare-data "
+                   "directory or an image folder (one sub-folder per class); channels are adapted to "
+                   "the checkpoint's (gray <-> RGB)")
     p.add_argument("--val-data", default=None, help="held-out image folder (default: a split of --data)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=None,
@@ -63,10 +65,15 @@ def checkpoint_at(checkpoint: str | Path, image_size: int | None) -> tuple[Model
     return cfg, size
 
 
-def _load_at(checkpoint: str | Path, cfg: ModelConfig, size: int) -> ViT:
+def _load_at(checkpoint: str | Path, cfg: ModelConfig, size: int, in_channels: int | None = None) -> ViT:
+    """The checkpoint at `size` (posemb resampled) for `in_channels` (patch kernel adapted, see
+    weights.adapt_input_channels)."""
     from vit22b.api import load_model
 
-    return load_model(checkpoint, **({} if size == cfg.image_size else {"image_size": size}))
+    overrides: dict[str, Any] = {} if size == cfg.image_size else {"image_size": size}
+    if in_channels is not None and in_channels != cfg.in_channels:
+        overrides["in_channels"] = in_channels
+    return load_model(checkpoint, **overrides)
 
 
 def load_backbone(checkpoint: str | Path, image_size: int | None) -> ViT:
@@ -80,11 +87,18 @@ def load_task(args: argparse.Namespace) -> tuple[ViT, ImageDataset]:
     before the weights are loaded."""
     cfg, size = checkpoint_at(args.checkpoint, args.image_size)
     dataset = load_dataset(args.data, size, val_path=args.val_data, val_fraction=args.val_fraction)
-    if dataset.in_channels != cfg.in_channels:
-        raise DataError(f"the checkpoint takes {cfg.in_channels}-channel images but {dataset.name!r} has "
-                        f"{dataset.in_channels}: use data with {cfg.in_channels} channel(s) (digits are "
-                        "1-channel, image folders RGB) or a checkpoint trained on such data")
-    return _load_at(args.checkpoint, cfg, size), dataset
+    args.channel_adaptation = channel_adaptation(cfg.in_channels, dataset.in_channels)  # -> write_results
+    return _load_at(args.checkpoint, cfg, size, dataset.in_channels), dataset
+
+
+def channel_adaptation(checkpoint_channels: int, data_channels: int) -> str | None:
+    """What loading does when the checkpoint and the data disagree on channels (reported in JSON)."""
+    if checkpoint_channels == data_channels:
+        return None
+    if data_channels == 1:
+        return (f"{checkpoint_channels}-channel patch kernel summed over channels "
+                "(= gray images replicated to RGB)")
+    return f"1-channel patch kernel repeated over {data_channels} channels and scaled 1/{data_channels}"
 
 
 def available_features(model: ViT) -> list[str]:
@@ -134,6 +148,7 @@ def run_batches(fn: Callable[[np.ndarray], Any], dataset: ImageDataset, split: s
 
 
 def write_results(results: dict[str, Any], args: argparse.Namespace, task: str) -> Path:
+    results.setdefault("channel_adaptation", getattr(args, "channel_adaptation", None))
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"{task}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image, ImageSequence
 from tqdm.auto import tqdm
 
-from vit22b.data import IMAGE_EXTENSIONS, DataError, _digits_to_uint8, _normalise, _stratified_split
+from vit22b.data import DataError, _digits_to_uint8, _normalise, _stratified_split
+from vit22b.image_files import IMAGE_EXTENSIONS
 
 DIRECTIONS = ("right", "left", "down", "up")
 # direction -> (axis of the (y, x) position that moves, sign); right/left and down/up are reverses.
