@@ -137,3 +137,33 @@ def test_kills_signals_and_damage_resume_bit_identical(tmp_path):
     assert _resumed_step(lines) == previous
     assert [p.name.split("-")[0] for p in (work / "checkpoints" / "damaged").iterdir()] == [str(saved)]
     _assert_same_weights(reference, _weights(work), "after kills, signals and a damaged checkpoint")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_decoding_workers(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, the grain decoding workers too: they
+    ignore it, so the trainer still finishes its step, saves and exits 130 (not a broken stream)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    cmd = [sys.executable, "-m", "vit22b.cli", "train", "--data", str(tmp_path / "images"), "--preset",
+           "mu/4", "--image-size", "8", "--steps", "1000", "--batch-size", "8", "--log-every", "1",
+           "--no-progress", "--data-workers", "1", "--workdir", str(tmp_path / "w")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if _step_of(STEP_LINE, line) == 5:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGINT after step")]
+    assert proc.returncode == 130 and len(stopped) == 1, (proc.returncode, out[-500:], err[-2000:])
+    saved = int(re.search(r"after step (\d+)", stopped[0]).group(1))
+    assert saved >= 5 and (tmp_path / "w" / "checkpoints" / str(saved)).is_dir()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]  # workers quiet too

@@ -188,3 +188,23 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     assert want == 0o666 & ~umask
     for name in ("model.safetensors", "config.json", "x.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+# --- stop signals --------------------------------------------------------------------------------
+
+
+def test_first_stop_signal_is_recorded_and_a_second_one_would_kill():
+    import signal
+
+    from vit22b.interrupt import StopSignals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopSignals() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # Python runs the handler between bytecodes
+        assert stop.requested == signal.SIGTERM
+        # the next SIGINT or SIGTERM takes the OS default: the process ends at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -74,3 +74,10 @@ def agreed_stop(signals: StopSignals, at_boundary: bool) -> int | None:
     mine = np.int32(signals.requested or 0)
     everyone = np.asarray(multihost_utils.process_allgather(mine))
     return int(everyone.max()) or None
+
+
+def ignore_sigint(*_: object) -> None:
+    """In a data-loading worker process: a terminal's Ctrl-C reaches the whole process group, and a
+    worker dying of it would end the stream under the trainer, which must finish its step and
+    save. The trainer stops its workers when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
