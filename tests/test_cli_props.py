@@ -65,7 +65,8 @@ FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--head": st.sampled_from(["map", "gap", "token", "none", "cls"]),
     "--remat": st.sampled_from(["none", "nothing_saveable", "dots_saveable", "bogus"]),
     "--dtype-mm": st.sampled_from(["float32", "bfloat16", "int8"]),
-    "--head-bias-init": FLOATS, "--norm-eps": FLOATS,
+    "--head-bias-init": FLOATS, "--norm-eps": FLOATS, "--label-smoothing": FLOATS,
+    "--holdout": st.sampled_from(["test", "train", "val"]), "--data-workers": INTS,
 }
 SWITCHES = ["--no-augment", "--qk-norm", "--no-qk-norm", "--qkv-bias", "--block"]
 
@@ -80,7 +81,7 @@ def train_argv(draw: st.DrawFn) -> list[str]:
     return argv
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(argv=train_argv())
 def test_any_flags_run_or_fail_in_one_line_before_work(argv, tmp_path, monkeypatch):
