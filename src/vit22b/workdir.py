@@ -106,7 +106,11 @@ class WorkdirLock:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
                 raise
-            self._check_by_pid()  # no flock on this file system
+            try:
+                self._check_by_pid()  # no flock on this file system
+            except WorkdirError:
+                os.close(fd)
+                raise
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
