@@ -155,6 +155,16 @@ def test_inputs_outside_the_contract_are_refused(x, match):
     model_inputs(np.full((1, 8, 8, 1), 1.001, np.float32), 8, 1)  # rounding slack
 
 
+def test_any_float_range_keeps_every_other_check():
+    timm_normalised = np.full((1, 8, 8, 1), 2.5, np.float32)  # ImageNet mean/std reaches ~2.6
+    assert np.array_equal(model_inputs(timm_normalised, 8, 1, float_range=False), timm_normalised)
+    with pytest.raises(DataError, match="--any-float-range"):
+        model_inputs(timm_normalised, 8, 1)
+    for bad in (np.full((1, 8, 8, 1), np.inf, np.float32), np.zeros((1, 1, 8, 8), np.float32)):
+        with pytest.raises(DataError):
+            model_inputs(bad, 8, 1, float_range=False)
+
+
 @pytest.mark.slow
 def test_predict_uint8_equals_scaled_float_and_refuses_nan(tmp_path, random_params):
     model = tmp_path / "model"

@@ -245,7 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return logits
 
     if args.input_npy:
-        x = load_input_npy(args.input_npy, cfg.image_size, cfg.in_channels)
+        x = load_input_npy(args.input_npy, cfg.image_size, cfg.in_channels,
+                           float_range=not args.any_float_range)
         logits = np.concatenate([forward(x[i:i + args.batch_size])
                                  for i in range(0, len(x), args.batch_size)])
         np.save(args.output_npy or "logits.npy", logits)
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-npy", default=None, help="images [N, S, S, C]: float in [-1, 1] (as "
                    "trained) or uint8 0..255 (scaled as in training); anything else is refused")
     p.add_argument("--output-npy", default=None)
+    p.add_argument("--any-float-range", action="store_true", help="float inputs of any finite range (a "
+                   "model imported with another normalisation, e.g. timm's ImageNet mean/std)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--dtype-mm", choices=["bfloat16", "float32"], default=None,

@@ -8,6 +8,8 @@ Anything else would give confident nonsense (a uint8 digit 3 cast without scalin
 so it is refused: other integer types, floats outside [-1, 1] (e.g. 0..255 images as float),
 NaN/Inf values, and other layouts, with a hint naming the layout expected. (Floats in 0..1 fit the
 range and cannot be told apart from [-1, 1] images: the contract, not a check, covers them.)
+A model imported from elsewhere may expect another normalisation (timm's ImageNet mean/std):
+`--any-float-range` lets finite floats of any range through, every other check stays.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def _layout_hint(shape: tuple[int, ...], size: int, channels: int) -> str:
             f"images to {size}x{size} with {channels} channel(s)")
 
 
-def model_inputs(x: np.ndarray, image_size: int, in_channels: int, source: str = "input") -> np.ndarray:
-    """`x` checked against the contract above and returned as float32 in [-1, 1]; DataError otherwise."""
+def model_inputs(x: np.ndarray, image_size: int, in_channels: int, source: str = "input", *,
+                 float_range: bool = True) -> np.ndarray:
+    """`x` checked against the contract above and returned as float32 in [-1, 1]; DataError otherwise.
+    `float_range=False`: floats pass at any (finite) value, for a model that was imported with
+    another input normalisation (timm's ImageNet mean/std spans about [-2.1, 2.6])."""
     if x.dtype.hasobject or x.dtype.fields is not None:
         raise DataError(f"{source}: dtype {x.dtype} is not an image array: pass float32 in [-1, 1] or "
                         "uint8 0..255, [batch, S, S, C]")
@@ -53,13 +58,15 @@ def model_inputs(x: np.ndarray, image_size: int, in_channels: int, source: str =
                         "images (float in [-1, 1] or uint8 0..255)")
     lo, hi = x.min(), x.max()
     limit = np.float32(1 + RANGE_SLACK)  # in float32, so a float32 1.001 is inside
-    if lo < -limit or hi > limit:
+    if float_range and (lo < -limit or hi > limit):
         raise DataError(f"{source}: float values span [{lo:g}, {hi:g}] but the model takes [-1, 1] (as "
-                        "trained: uint8 / 127.5 - 1): rescale, or pass uint8 0..255 to be scaled")
+                        "trained: uint8 / 127.5 - 1): rescale, or pass uint8 0..255 to be scaled (a "
+                        "model imported with another normalisation: --any-float-range)")
     return x.astype(np.float32)
 
 
-def load_input_npy(path: str | Path, image_size: int, in_channels: int) -> np.ndarray:
+def load_input_npy(path: str | Path, image_size: int, in_channels: int, *,
+                   float_range: bool = True) -> np.ndarray:
     """A `.npy` array under the contract above; pickled (object) arrays are never loaded."""
     try:
         x = np.load(path, allow_pickle=False)
@@ -71,4 +78,4 @@ def load_input_npy(path: str | Path, image_size: int, in_channels: int) -> np.nd
     if not isinstance(x, np.ndarray):  # an .npz archive
         x.close()
         raise DataError(f"{path} is an .npz archive, not an .npy array: save one array with np.save")
-    return model_inputs(x, image_size, in_channels, source=str(path))
+    return model_inputs(x, image_size, in_channels, source=str(path), float_range=float_range)
