@@ -109,19 +109,39 @@ def peak_line(run: dict[str, Any]) -> str:
     return f"peak matmul TFLOP/s, best of sizes {run['sizes']}: {forms}"
 
 
+def load_valid(*loads: tuple[float, ...] | None) -> bool:
+    """False when any 1-minute load average exceeded the core count: round-robin timing does not
+    cancel such load (torch slowed 8-12x and XLA 3-4x at load 8-12 on 2 cores, flipping a 0.75x
+    ratio into 2.3x), so a figure taken then is not reported as a result."""
+    cores = os.cpu_count() or 1
+    return not any(load is not None and load[0] > cores for load in loads)
+
+
 def time_interleaved(
-    runners: dict[str, Callable[[], Any]], steps: int, pause_s: float = 0.05
+    runners: dict[str, Callable[[], Any]], steps: int, pause_s: float = 0.05,
+    loads: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds of `steps` calls of each runner, taken round-robin (the starting runner rotates)
     so that a noisy neighbour slows every contender alike; each runner must block until done.
-    The pause lets the other library's spinning worker threads go idle first."""
+    The pause lets the other library's spinning worker threads go idle first. `loads`, if given,
+    receives per runner the highest load average seen just before and just after its calls, and
+    whether those stayed within the core count (`load_valid`)."""
     names, times = list(runners), {name: [] for name in runners}
+    worst: dict[str, list[float]] = {name: [0.0, 0.0] for name in runners}
     for step in range(steps):
         for name in names[step % len(names) :] + names[: step % len(names)]:
             time.sleep(pause_s)
+            before = loadavg()
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)
+            after = loadavg()
+            if before is not None and after is not None:
+                worst[name] = [max(worst[name][0], before[0]), max(worst[name][1], after[0])]
+    if loads is not None:
+        for name, (before, after) in worst.items():
+            loads[name] = {"load_before": before, "load_after": after,
+                           "valid": load_valid((before,), (after,))}
     return times
 
 

@@ -274,10 +274,12 @@ def test_train_on_image_folder_with_ablation_flags(tmp_path):
     shown = [part.split(" (")[0] for part in line.split(": ", 1)[1].split(", ")]
     assert sorted(shown) == ["blue", "green", "red"]
 
-    # timm export covers the ViT-22B layout only: a clean refusal.
+    # A sequential-block model exports to timm's standard ViT layout; big_vision's .npz needs
+    # the biases this model switched off: a clean refusal.
     rc, _, err = cli("export-timm", workdir, tmp_path / "t.safetensors")
-    assert rc == 2 and "block='sequential'" in err
-    assert not (tmp_path / "t.safetensors").exists()
+    assert rc == 0 and "blocks.0.attn.qkv.weight" in load_file(str(tmp_path / "t.safetensors")), err
+    rc, _, err = cli("export", workdir, tmp_path / "t.npz")
+    assert rc == 2 and "norm_bias" in err and not (tmp_path / "t.npz").exists()
 
 
 def test_empty_image_folder(tmp_path):
@@ -411,8 +413,11 @@ def test_import_timm_errors(tmp_path):
     rc, _, err = cli("import-timm", tmp_path / "missing.safetensors", "--out", tmp_path / "o",
                      "--num-heads", "4")
     assert rc != 0
-    rc, _, err = cli("import-timm", GOLDEN, "--out", tmp_path / "o")  # --num-heads is required
-    assert rc == 2 and "--num-heads" in err
+    # Without --num-heads the head count comes from q_norm's size (head_dim 16 here).
+    rc, out, err = cli("import-timm", GOLDEN, "--out", tmp_path / "o")
+    assert rc == 0 and "4 heads" in out, err
+    rc, _, err = cli("import-timm", GOLDEN, "--out", tmp_path / "o", "--num-heads", "2")
+    assert rc == 2 and "num_heads must be 4" in err
 
 
 # --- a checkpoint of another config ---------------------------------------------------------

@@ -160,3 +160,17 @@ def test_derived_sizes():
     assert cfg.qk_norm_kind == "rms"
     assert cfg.replace(qk_norm_type="layer").qk_norm_kind == "layer"
     assert cfg.replace(norm="layer").qk_norm_kind == "layer"
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(head="token", class_token=False), "pools the class token"),
+    (dict(class_posemb=True), "class_posemb=True gives the prefix tokens"),
+    (dict(layer_scale=True), "use block='sequential'"),
+    (dict(fc_norm=True, head="none"), "fc_norm normalises the pooled"),
+    (dict(block="sequential", collective_matmul=True), "the sequential block has none"),
+    (dict(num_registers=-1), "num_registers must be >= 0"),
+    (dict(act="relu"), "act='relu' is not one of"),
+])
+def test_other_vit_switches_are_validated(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ModelConfig(**changes)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vit22b.config import ModelConfig
+from vit22b.config import ConfigError, ModelConfig
 from vit22b.model import abstract_model, apply, count_params, init_model, logical_axes, split_params
 from vit22b.posemb import sincos2d
 from vit22b.weights import flatten
@@ -39,12 +39,37 @@ def output_shapes(cfg: ModelConfig, **kwargs) -> dict[str, tuple[int, ...]]:
 def test_forward_shapes_heads_and_blocks(head, block, tiny2_cfg):
     cfg = tiny2_cfg.replace(head=head, block=block)
     N, D, C = 16, 32, 10
-    T = N + 1 if head == "token" else N
     shapes = output_shapes(cfg, return_layers=(1,), attn_stats=True)
-    pooled = (B, T, D) if head == "none" else (B, D)
+    pooled = (B, N, D) if head == "none" else (B, D)
+    # token intermediates are the patch grid; the class token's output is `prefix`
     assert shapes == {
-        "stem": (B, N, D), "with_posemb": (B, T, D), "block_1": (B, T, D), "encoded": (B, T, D),
-        "attn_logit_max": (2,), "pre_logits": pooled, "logits": pooled[:-1] + (C,)}
+        "stem": (B, N, D), "with_posemb": (B, N, D), "block_1": (B, N, D), "encoded": (B, N, D),
+        "attn_logit_max": (2,), "pre_logits": pooled, "logits": pooled[:-1] + (C,),
+        **({"prefix": (B, 1, D)} if head == "token" else {})}
+
+
+@pytest.mark.parametrize("changes, prefix", [
+    (dict(class_token=True, num_registers=4, class_posemb=True, pre_norm=True, fc_norm=True,
+          layer_scale=True, act="quick_gelu", head="gap"), 5),
+    (dict(num_registers=2, head="map", norm_bias=True, pre_norm=True), 2),
+])
+def test_other_vits_switches_shapes(changes, prefix, tiny2_cfg):
+    cfg = tiny2_cfg.replace(block="sequential", **changes)
+    assert cfg.num_prefix_tokens == prefix and cfg.num_tokens == 16 + prefix
+    shapes = output_shapes(cfg, return_layers=(1,))
+    assert shapes["encoded"] == shapes["block_1"] == (B, 16, 32) and shapes["prefix"] == (B, prefix, 32)
+    names = set(flatten(split_params(abstract_model(cfg))[1]))
+    assert {"reg_tokens", "pre_norm_scale"} <= names
+    assert ("fc_norm_scale" in names) == cfg.fc_norm != ("encoder_norm_scale" in names)
+    assert ("prefix_pos_embedding" in names) == cfg.class_posemb
+    assert ("encoder/attn_scale" in names) == cfg.layer_scale
+
+
+def test_defaults_of_the_new_switches_are_vit22b():
+    cfg = ModelConfig()
+    assert (cfg.class_token, cfg.num_registers, cfg.class_posemb, cfg.pre_norm, cfg.fc_norm,
+            cfg.layer_scale, cfg.act) == (None, 0, False, False, False, False, "gelu")
+    assert not cfg.has_class_token and cfg.replace(head="token").has_class_token
 
 
 @pytest.mark.parametrize("changes", [dict(norm="layer"), dict(norm="layer", norm_bias=True),
@@ -78,8 +103,8 @@ MAP_ALL = MAP_BIASES | {f"map_head/{n}" for n in (
                             "encoder_norm_bias", "map_head/norm_bias"}, set()),
     (dict(mlp_bias=False), set(), {"encoder/mlp_in_bias", "map_head/mlp_in_bias",
                                    "map_head/mlp_out_bias"}),
-    # parallel: the attn-out and MLP-out outputs are summed, so one bias serves both
-    (dict(out_bias=False), set(), set()),
+    # parallel: the attn-out and MLP-out outputs are summed, so one bias serves both (out_bias=False
+    # alone is refused: test_out_bias_alone_is_refused_in_the_parallel_block)
     (dict(mlp_bias=False, out_bias=False), set(), {"encoder/mlp_in_bias", "encoder/out_bias",
                                                    "map_head/mlp_in_bias", "map_head/mlp_out_bias"}),
     (dict(patch_bias=False), set(), {"patch_bias"}),
@@ -213,10 +238,9 @@ def test_pooling_heads_and_posembs(changes, tiny_cfg, images, random_params, for
         np.testing.assert_allclose(out["pre_logits"], enc.mean(1), rtol=1e-5, atol=1e-6)
     elif cfg.head == "token":
         x = np.asarray(out["with_posemb"])
-        assert x.shape[1] == 17
-        np.testing.assert_allclose(x[:, 0], np.broadcast_to(p["cls_token"][0], (B, 32)))
-        np.testing.assert_allclose(x[:, 1:], stem + p["pos_embedding"], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(out["pre_logits"], enc[:, 0])
+        assert x.shape[1] == 16  # the class token is prepended after the posemb (big_vision)
+        np.testing.assert_allclose(x, stem + p["pos_embedding"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out["pre_logits"], np.asarray(out["prefix"])[:, 0])
     else:
         np.testing.assert_allclose(out["pre_logits"], enc)
     want = np.asarray(out["pre_logits"], np.float64) @ p["head_kernel"] + p["head_bias"]
@@ -297,3 +321,10 @@ def test_simulated_devices_for_sharding_tests():
     if jax.default_backend() != "cpu" or "device_count=8" not in flags:
         pytest.skip("XLA_FLAGS was set by the caller without 8 host devices")
     assert jax.device_count() == 8
+
+
+def test_out_bias_alone_is_refused_in_the_parallel_block(tiny_cfg):
+    """It would change nothing (the fused out-projection has one bias for both branches)."""
+    with pytest.raises(ConfigError, match="one fused bias.*--no-mlp-bias"):
+        tiny_cfg.replace(out_bias=False)
+    assert "encoder/attn_out_bias" not in param_names(tiny_cfg.replace(block="sequential", out_bias=False))

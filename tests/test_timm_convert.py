@@ -151,7 +151,7 @@ def test_export_from_our_layout_round_trips(tiny_cfg, random_params):
 
 
 @pytest.mark.parametrize("changes, fragment", [
-    (dict(block="sequential"), "block='sequential'"),
+    (dict(class_token=True), "prefix tokens 1"),
     (dict(head="gap"), "head='gap'"),
     (dict(qkv_bias=True), "qkv_bias=True"),
     (dict(mlp_bias=False), "mlp_bias and out_bias"),

@@ -12,6 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "export_timm": "vit22b.api", "import_timm": "vit22b.api", "load_model": "vit22b.api",
+    "export_weights": "vit22b.api", "import_weights": "vit22b.api",
     "model_from_params": "vit22b.api", "PRESETS": "vit22b.config", "ConfigError": "vit22b.config",
     "ModelConfig": "vit22b.config", "preset": "vit22b.config", "flops_per_image": "vit22b.flops",
     "ViT": "vit22b.model", "abstract_model": "vit22b.model", "apply": "vit22b.model",

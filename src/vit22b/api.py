@@ -12,13 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from vit22b.config import ModelConfig
+from vit22b.config import ConfigError, ModelConfig
 from vit22b.model import ViT, abstract_model, split_params
 from vit22b.posemb import ResampleMethod
 from vit22b.timm_convert import config_from_timm, flat_to_timm, timm_to_flat
+from vit22b.timm_vit import overrides_from_timm_name
 from vit22b.weights import (
     WeightsError,
     atomic_write,
@@ -29,7 +31,8 @@ from vit22b.weights import (
     save_model,
 )
 
-__all__ = ["load_model", "save_model", "import_timm", "export_timm", "model_from_params"]
+__all__ = ["load_model", "save_model", "import_timm", "export_timm", "import_weights", "export_weights",
+           "model_from_params"]
 
 
 def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> ViT:
@@ -54,15 +57,14 @@ def load_model(location: str | Path, *, resample: ResampleMethod = "bv_linear",
     return model_from_params(cfg, fit_weights(flat, expected, resample=resample))
 
 
-def import_timm(src: str | Path, out: str | Path, *, num_heads: int, **config_flags: Any) -> ModelConfig:
+def import_timm(src: str | Path, out: str | Path, *, num_heads: int | None = None,
+                **config_flags: Any) -> ModelConfig:
     """timm .safetensors state dict -> a vit22b model directory; returns the config used.
 
     `config_flags` are what shapes cannot tell: norm ('layer' for timm's LayerNorm, 'rms' for
     RmsNorm), qk_norm_type, gelu_approximate (timm 'gelu' is exact, 'gelu_tanh' approximate).
     """
-    state, _ = read_safetensors(src)
-    if any(k.startswith("param/") for k in state):  # the golden-reference layout
-        state = {k[len("param/"):]: v for k, v in state.items() if k.startswith("param/")}
+    state = _timm_state(src)
     cfg = config_from_timm(state, num_heads=num_heads, **config_flags)
     flat = timm_to_flat(state, cfg)
     _, expected = split_params(abstract_model(cfg))
@@ -83,3 +85,66 @@ def export_timm(location: str | Path, dst: str | Path) -> Path:
     atomic_write(dst, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     return dst
 
+
+
+def _timm_state(src: str | Path) -> dict[str, Any]:
+    state, _ = read_safetensors(src)  # one-line WeightsError for pickles, bombs, NaN/Inf
+    if any(k.startswith("param/") for k in state):  # the golden-reference layout
+        state = {k[len("param/"):]: v for k, v in state.items() if k.startswith("param/")}
+    return state
+
+
+def import_weights(src: str | Path, out: str | Path, *, timm_model: str | None = None,
+                   variant: str | None = None, **flags: Any) -> ModelConfig:
+    """A timm .safetensors state dict or a big_vision/AugReg .npz -> a vit22b model directory.
+
+    The architecture comes from the tensors' names and shapes; `timm_model`
+    ('vit_base_patch16_224.augreg_in21k') or `variant` ('So400m/14', big_vision's names) settle
+    what they cannot show, and `flags` (ModelConfig fields: num_heads, norm_eps, act,
+    gelu_approximate, head, ...; head_dim) override both. Returns the config written.
+    """
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if str(src).endswith(".npz"):
+        from vit22b.bigvision_convert import config_from_npz, npz_to_timm, read_npz
+
+        if timm_model:
+            flags = {**overrides_from_timm_name(timm_model), **flags}
+        state, facts = npz_to_timm(read_npz(src))
+        cfg = config_from_npz(state, facts, variant=variant, **flags)
+    else:
+        if variant:
+            raise ConfigError("--variant names a big_vision model (.npz); for timm weights use --timm-model")
+        state = _timm_state(src)
+        if timm_model:
+            flags = {**overrides_from_timm_name(timm_model), **flags}
+        cfg = config_from_timm(state, **flags)
+    flat = timm_to_flat(state, cfg)
+    _, expected = split_params(abstract_model(cfg))
+    save_model(out, fit_weights(flat, expected), cfg)
+    return cfg
+
+
+def export_weights(location: str | Path, dst: str | Path, *, npz_layout: str | None = None,
+                   npz_prefix: str = "", npz_scan: bool = False) -> Path:
+    """A vit22b model directory -> timm .safetensors, or (dst ending in .npz) a big_vision/AugReg
+    .npz that timm's `_load_weights` reads: layout 'augreg' (class-token posemb row) or
+    'big_vision' (default from the config), names under `npz_prefix` (e.g. 'params/img/'),
+    blocks stacked with `npz_scan`."""
+    if not str(dst).endswith(".npz"):
+        return export_timm(location, dst)
+    from vit22b.bigvision_convert import timm_to_npz
+
+    flat, cfg = read_weights(location)
+    if cfg is None:
+        raise WeightsError(f"{location} has no config.json: cannot tell its architecture")
+    _, expected = split_params(abstract_model(cfg))
+    arrays = timm_to_npz(flat_to_timm(flatten(fit_weights(flat, expected)), cfg), cfg,
+                         layout=npz_layout, prefix=npz_prefix, scan=npz_scan)
+    dst = Path(dst)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to the temp name
+            np.savez(fh, **arrays)
+
+    atomic_write(dst, write)
+    return dst

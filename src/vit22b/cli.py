@@ -1,4 +1,4 @@
-"""`vit22b` command line: train, info, plan, plot, predict, import/export-timm, transfer.
+"""`vit22b` command line: train, info, plan, plot, predict, import/export (timm, big_vision), transfer.
 
 Every ModelConfig field is a flag (`--block sequential`, `--no-qk-norm`, `--norm layer`,
 `--head gap`, `--qkv-bias` ...), so each of the paper's modifications is one flag away.
@@ -15,6 +15,7 @@ from typing import Any
 
 from vit22b.cli_args import OneLineParser, check_train_args, join_negative_values
 from vit22b.config import ConfigError, ModelConfig, preset
+from vit22b.convert_cli import add_parsers as add_convert_parsers
 from vit22b.plan import add_plan_parser
 from vit22b.recipes import RECIPES
 
@@ -28,7 +29,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _DATA_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             g.add_argument(flag, dest=f"model_{f.name}", action=argparse.BooleanOptionalAction,
                            default=None, help=f"default {f.default}")
         else:
@@ -208,22 +209,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import_timm(args: argparse.Namespace) -> int:
-    from vit22b.api import import_timm
-
-    cfg = import_timm(args.src, args.out, num_heads=args.num_heads, norm=args.norm,
-                      qk_norm_type=args.qk_norm_type, gelu_approximate=args.gelu == "tanh")
-    print(f"wrote {args.out}/model.safetensors ({cfg.width}w x {cfg.depth}d, {cfg.num_classes} classes)")
-    return 0
-
-
-def cmd_export_timm(args: argparse.Namespace) -> int:
-    from vit22b.api import export_timm
-
-    print(f"wrote {export_timm(args.checkpoint, args.dst)}")
-    return 0
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -310,22 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("import-timm", help="timm .safetensors -> vit22b model dir")
-    p.add_argument("src")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-heads", type=int, required=True, help="not visible in the shapes")
-    p.add_argument("--norm", choices=["layer", "rms"], default="layer",
-                   help="timm's LayerNorm(bias=False) is 'layer', RmsNorm is 'rms'")
-    p.add_argument("--qk-norm-type", choices=["layer", "rms"], default=None,
-                   help="if q/k norms differ from the others")
-    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
-                   help="timm 'gelu' is exact, 'gelu_tanh' is tanh")
-    p.set_defaults(func=cmd_import_timm)
-
-    p = sub.add_parser("export-timm", help="vit22b model dir -> timm .safetensors")
-    p.add_argument("checkpoint")
-    p.add_argument("dst")
-    p.set_defaults(func=cmd_export_timm)
+    add_convert_parsers(sub)
 
     # Transfer tasks on frozen or fine-tuned checkpoints (vit22b/tasks/): each registers itself.
     from vit22b.tasks import depth, distill, fewshot, finetune, lit, probe, robustness, segment, video

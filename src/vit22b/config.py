@@ -37,6 +37,7 @@ Block = Literal["parallel", "sequential"]
 Norm = Literal["rms", "layer"]
 Head = Literal["map", "gap", "token", "none"]
 Posemb = Literal["learn", "sincos2d"]
+Act = Literal["gelu", "quick_gelu"]
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,21 @@ class ModelConfig:
     head: Head = "map"
     posemb: Posemb = "learn"
     norm_eps: float = 1e-6
+    # --- elements of other ViTs (timm, big_vision checkpoints); defaults = ViT-22B, i.e. off ----
+    # A learned class token prepended to the patch tokens. None: exactly when head="token" (so
+    # configs written before this switch keep their meaning); True also with gap/map pooling.
+    class_token: bool | None = None
+    num_registers: int = 0  # learned register tokens after the class token (DINOv2 "reg")
+    # The prefix tokens (class, registers) get their own learned posemb rows, added after they are
+    # prepended (timm's default, the original ViT/DeiT/CLIP); False: the posemb covers the patches
+    # only and is added before the tokens are prepended (big_vision, ViT-22B, timm no_embed_class).
+    class_posemb: bool = False
+    pre_norm: bool = False  # a norm between posemb and the first block (CLIP's norm_pre)
+    # The final norm on the pooled features instead of on every token (timm's fc_norm, its
+    # default for global average pooling); the tokens in `encoded` are then un-normalised.
+    fc_norm: bool = False
+    layer_scale: bool = False  # per-channel learned scales on both branches (CaiT/DINOv2), sequential
+    act: Act = "gelu"  # "quick_gelu": x * sigmoid(1.702 x), OpenAI CLIP's MLP activation
     head_bias_init: float = 0.0  # -10 for JFT-style sigmoid training (big_vision)
     # --- numerics and memory ----------------------------------------------------------------
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
@@ -77,6 +93,10 @@ class ModelConfig:
     # elementwise passes. "bfloat16" halves that memory traffic (norm and softmax statistics are
     # still computed in float32; the residual stream stays float32); see bench/README.md.
     dtype_act: str = "float32"
+    # "xla" (jax.nn.dot_product_attention), "blockwise" (attention.py: online softmax, memory linear
+    # in tokens) or "auto" (blockwise from layers.BLOCKWISE_FROM_TOKENS keys on, on CPU).
+    attention: str = "auto"
+    attention_block: int = 128  # keys per block of the blockwise kernel
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
     # The paper's asynchronous parallel linear (parallel_linear.py) for the fused projections
@@ -103,6 +123,19 @@ class ModelConfig:
     def mlp_per_head(self) -> int:
         """MLP units stored beside each head in the fused kernels (see model.py)."""
         return self.mlp_dim // self.num_heads
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.head == "token" if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.has_class_token) + self.num_registers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
 
     @property
     def qk_norm_kind(self) -> Norm:
@@ -132,15 +165,38 @@ class ModelConfig:
                  f"mlp_dim {self.mlp_dim} is not divisible by num_heads {self.num_heads}, which "
                  "the parallel block's fused layout needs: pick mlp_dim a multiple of the heads "
                  "or use block='sequential'.")
+        if self.block == "parallel":
+            need(self.out_bias or not self.mlp_bias,
+                 "out_bias=False changes nothing in the parallel block: the attention-out and MLP-out "
+                 "outputs are summed, so they share one fused bias. Drop it with --no-mlp-bias "
+                 "--no-out-bias, or use --block sequential for a separate attention-out bias.")
         if self.posemb == "sincos2d":
             need(self.width % 4 == 0, f"posemb 'sincos2d' needs width divisible by 4, got {self.width}")
-        for name, allowed in (("block", Block), ("norm", Norm), ("head", Head), ("posemb", Posemb)):
+        need(not (self.head == "token" and self.class_token is False),
+             "head='token' pools the class token: set class_token=True (or None), or pick another head")
+        need(self.num_registers >= 0, f"num_registers must be >= 0, got {self.num_registers}")
+        need(not self.class_posemb or self.num_prefix_tokens > 0,
+             "class_posemb=True gives the prefix tokens posemb rows, but there are none: add "
+             "class_token=True or registers, or set class_posemb=False")
+        need(not self.layer_scale or self.block == "sequential",
+             "layer_scale scales the attention and MLP branches separately, which the parallel "
+             "block's fused out-projection sums: use block='sequential' or layer_scale=False")
+        need(not self.fc_norm or self.head != "none",
+             "fc_norm normalises the pooled features but head='none' pools nothing: pick a head")
+        need(not (self.collective_matmul and self.block == "sequential"),
+             "collective_matmul overlaps the parallel block's fused projections (paper Fig. 3); "
+             "the sequential block has none: drop collective_matmul or use block='parallel'")
+        for name, allowed in (("block", Block), ("norm", Norm), ("head", Head), ("posemb", Posemb),
+                              ("act", Act)):
             need(getattr(self, name) in allowed.__args__,
                  f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
         need(self.qk_norm_type in (None, "rms", "layer"),
              f"qk_norm_type={self.qk_norm_type!r} is not one of None, 'rms', 'layer'")
         need(self.dtype_mm in ("bfloat16", "float32", "float16"),
              f"dtype_mm={self.dtype_mm!r}: use 'bfloat16', 'float16' or 'float32'")
+        need(self.attention in ("auto", "xla", "blockwise"),
+             f"attention={self.attention!r}: use 'auto', 'xla' or 'blockwise'")
+        need(self.attention_block > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.dtype_act in ("bfloat16", "float32"),
              f"dtype_act={self.dtype_act!r}: use 'float32' or 'bfloat16'")
         need(math.isfinite(self.norm_eps) and self.norm_eps > 0,

@@ -29,9 +29,9 @@ from flax import nnx
 from vit22b.config import ModelConfig
 from vit22b.layers import (
     attention,
-    gelu,
     matmul,
     max_attention_logit,
+    mlp_act,
     normalize,
     param,
     small_normal,
@@ -92,6 +92,9 @@ class Encoder(nnx.Module):
             if cfg.mlp_bias:
                 self.mlp_in_bias = param(small_normal(key(), (L, M)), "layers", "mlp")
                 self.mlp_out_bias = param(small_normal(key(), (L, D)), "layers", "embed")
+            if cfg.layer_scale:  # timm's LayerScale: init_values 1e-5 (DINOv2); 1 here = identity
+                self.attn_scale = param(jnp.ones((L, D)), "layers", "embed")
+                self.mlp_scale = param(jnp.ones((L, D)), "layers", "embed")
 
     def stacked_params(self) -> Params:
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
@@ -154,7 +157,7 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfi
         k = normalize(k, p["k_norm_scale"], p.get("k_norm_bias"), kind, eps)
     dt = jnp.dtype(cfg.dtype_mm)
     stat = max_attention_logit(q, k) if attn_stats else None
-    return attention(q.astype(dt), k.astype(dt), v.astype(dt)), stat
+    return attention(q.astype(dt), k.astype(dt), v.astype(dt), cfg.attention, cfg.attention_block), stat
 
 
 def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
@@ -172,7 +175,7 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
     attn, stat = _attend(p, q, k, v, cfg, attn_stats)  # [B, N, H, hd]
     if cfg.mlp_bias:
         m = m + p["mlp_in_bias"].astype(act)
-    m = gelu(m, cfg.gelu_approximate)  # [B, N, H, M/H]
+    m = mlp_act(m, cfg.act, cfg.gelu_approximate)  # [B, N, H, M/H]
     z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, H, hd + M/H]
     if collective:  # partial sums travel the ring while the next block is computed
         y = fused_out_projection(z, p["out_kernel"], None, dt)
@@ -185,21 +188,28 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
 
 def sequential_block(p: Params, x: jax.Array, cfg: ModelConfig,
                      attn_stats: bool = False) -> tuple[jax.Array, Any]:
-    """The standard pre-norm ViT block: x + Attn(N1(x)), then + MLP(N2(.))."""
+    """The standard pre-norm ViT block: x + Attn(N1(x)), then + MLP(N2(.)) (each branch times
+    a per-channel scale with `layer_scale`)."""
     dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
     h = normalize(x, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm, cfg.norm_eps)
     qkv = matmul("bnd,dhf->bnhf", h, p["qkv_kernel"], dt).astype(act)
+    qkv = constrain(qkv, ("batch", None, "act_heads", None))  # each model device: its heads
     q, k, v = jnp.split(qkv, [hd, 2 * hd], axis=-1)
     attn, stat = _attend(p, q, k, v, cfg, attn_stats)
     y = matmul("bnhf,hfd->bnd", attn, p["attn_out_kernel"], dt)
     if cfg.out_bias:
         y = y + p["attn_out_bias"]
+    if cfg.layer_scale:
+        y = y * p["attn_scale"]
     x = x + y
     h = normalize(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm, cfg.norm_eps)
     m = matmul("bnd,dm->bnm", h, p["mlp_in_kernel"], dt).astype(act)
+    m = constrain(m, ("batch", None, "act_mlp"))  # each model device: its share of the MLP units
     if cfg.mlp_bias:
         m = m + p["mlp_in_bias"].astype(act)
-    y = matmul("bnm,md->bnd", gelu(m, cfg.gelu_approximate), p["mlp_out_kernel"], dt)
+    y = matmul("bnm,md->bnd", mlp_act(m, cfg.act, cfg.gelu_approximate), p["mlp_out_kernel"], dt)
     if cfg.mlp_bias:
         y = y + p["mlp_out_bias"]
+    if cfg.layer_scale:
+        y = y * p["mlp_scale"]
     return x + y, stat

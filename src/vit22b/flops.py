@@ -14,7 +14,7 @@ from vit22b.config import ModelConfig
 def flops_per_image(cfg: ModelConfig) -> dict[str, int]:
     D, M, L, C = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_classes
     N = cfg.num_patches
-    T = N + (1 if cfg.head == "token" else 0)  # tokens through the encoder
+    T = cfg.num_tokens  # tokens through the encoder (class token and registers included)
     patch = 2 * N * cfg.patch_size**2 * cfg.in_channels * D
     # Fused in (D -> 3D + M) and out (D + M -> D) projections; the sequential block has the same
     # matmuls unfused. Attention: q.k^T and p.v, each 2*T*T*D.
@@ -24,7 +24,7 @@ def flops_per_image(cfg: ModelConfig) -> dict[str, int]:
     head = 0
     if cfg.head == "map":
         head = 2 * D * D + 2 * T * D * 2 * D + 2 * 2 * T * D + 2 * D * D + 2 * 2 * D * M
-    pooled_tokens = T if cfg.head == "none" else 1
+    pooled_tokens = N if cfg.head == "none" else 1
     classifier = 2 * pooled_tokens * D * C
     forward = patch + encoder + head + classifier
     return {"patch_embed": patch, "encoder": encoder, "map_head": head, "classifier": classifier,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vit22b.config import ModelConfig
-from vit22b.layers import attention, gelu, matmul, normalize, param, small_normal, xavier_uniform
+from vit22b.layers import attention, matmul, mlp_act, normalize, param, small_normal, xavier_uniform
 
 
 class MAPHead(nnx.Module):
@@ -56,7 +56,7 @@ class MAPHead(nnx.Module):
         h = matmul("btd,dm->btm", h, self.mlp_in_kernel[...], dt)
         if cfg.mlp_bias:
             h = h + self.mlp_in_bias[...]
-        h = matmul("btm,md->btd", gelu(h, cfg.gelu_approximate), self.mlp_out_kernel[...], dt)
+        h = matmul("btm,md->btd", mlp_act(h, cfg.act, cfg.gelu_approximate), self.mlp_out_kernel[...], dt)
         if cfg.mlp_bias:
             h = h + self.mlp_out_bias[...]
         return (y + h)[:, 0]

@@ -75,12 +75,32 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=approximate)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention, q: [B, T, H, d], k/v: [B, S, H, d] -> [B, T, H, d].
+def mlp_act(x: jax.Array, act: str, approximate: bool) -> jax.Array:
+    """The MLP nonlinearity: GELU (exact or tanh form), or OpenAI CLIP's x * sigmoid(1.702 x)."""
+    if act == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return gelu(x, approximate)
 
-    `jax.nn.dot_product_attention` picks fused kernels on GPUs (cuDNN flash attention) and a
-    plain XLA lowering elsewhere; it scales by 1/sqrt(d).
+
+# "auto" uses the blockwise kernel from this many keys on, on CPUs; below it the [N, N] logits are
+# small enough that XLA's plain lowering wins (see attention.py and bench/README.md).
+BLOCKWISE_FROM_TOKENS = 1024
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", block: int = 128) -> jax.Array:
+    """Softmax attention, q: [B, T, H, d], k/v: [B, S, H, d] -> [B, T, H, d], scaled by 1/sqrt(d).
+
+    impl "xla": `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs, a plain XLA lowering
+    elsewhere, which materialises the [B, H, T, S] logits); "blockwise": attention.py's online-softmax
+    kernel, memory linear in tokens; "auto": blockwise for long sequences on CPU, else xla.
     """
+    if impl == "auto":
+        long = k.shape[1] >= BLOCKWISE_FROM_TOKENS and jax.default_backend() == "cpu"
+        impl = "blockwise" if long else "xla"
+    if impl == "blockwise":
+        from vit22b.attention import blockwise_attention
+
+        return blockwise_attention(q, k, v, block)
     return jax.nn.dot_product_attention(q, k, v)
 
 

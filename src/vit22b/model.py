@@ -21,7 +21,7 @@ from flax import nnx
 from vit22b.config import ModelConfig
 from vit22b.encoder import Encoder
 from vit22b.heads import MAPHead
-from vit22b.layers import matmul, normalize, param, xavier_uniform
+from vit22b.layers import matmul, normalize, param, small_normal, xavier_uniform
 from vit22b.posemb import sincos2d
 
 Params = dict[str, Any]
@@ -41,12 +41,23 @@ class ViT(nnx.Module):
             std = D**-0.5  # big_vision
             self.pos_embedding = param(std * jax.random.normal(key(), (1, cfg.num_patches, D)),
                                        None, "tokens", "embed")
-        if cfg.head == "token":
+        if cfg.has_class_token:
             self.cls_token = param(jnp.zeros((1, 1, D)), None, None, "embed")
+        if cfg.num_registers:
+            self.reg_tokens = param(small_normal(key(), (1, cfg.num_registers, D)),
+                                    None, None, "embed")
+        if cfg.class_posemb:
+            self.prefix_pos_embedding = param(
+                D**-0.5 * jax.random.normal(key(), (1, cfg.num_prefix_tokens, D)), None, None, "embed")
+        if cfg.pre_norm:
+            self.pre_norm_scale = param(jnp.ones((D,)), "embed")
+            if cfg.norm_bias:
+                self.pre_norm_bias = param(jnp.zeros((D,)), "embed")
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.encoder_norm_scale = param(jnp.ones((D,)), "embed")
+        final = "fc_norm" if cfg.fc_norm else "encoder_norm"  # on pooled features / on tokens
+        setattr(self, f"{final}_scale", param(jnp.ones((D,)), "embed"))
         if cfg.norm_bias:
-            self.encoder_norm_bias = param(jnp.zeros((D,)), "embed")
+            setattr(self, f"{final}_bias", param(jnp.zeros((D,)), "embed"))
         if cfg.head == "map":
             self.map_head = MAPHead(cfg, rngs=rngs)
         if cfg.num_classes:
@@ -77,6 +88,8 @@ class ViT(nnx.Module):
         intermediates: stem [B,N,D] (patch tokens), with_posemb [B,N,D], block_i [B,N,D] for i in
         `return_layers`, encoded [B,N,D] (after the final norm), pre_logits [B,D] (pooled),
         logits; with `attn_stats`, attn_logit_max [depth] (the largest attention logit per layer).
+        Token intermediates hold the N patch tokens only (a grid for dense heads); with a class
+        token or registers, `prefix` holds those P tokens of `encoded` [B,P,D].
         """
         cfg = self.cfg
         self.check_input(images)
@@ -88,23 +101,39 @@ class ViT(nnx.Module):
             x = x + self.patch_bias[...]
         out: dict[str, jax.Array] = {"stem": x}
         x = x + self.posemb()
-        if cfg.head == "token":  # posemb is added before the token is prepended (big_vision)
-            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, cfg.width)),
-                                 x], axis=1)
         out["with_posemb"] = x
+        P = cfg.num_prefix_tokens
+        if P:  # class token, then registers, before the patches (timm's order)
+            prefix = [self.cls_token[...]] if cfg.has_class_token else []
+            prefix += [self.reg_tokens[...]] if cfg.num_registers else []
+            prefix = jnp.concatenate(prefix, axis=1)
+            if cfg.class_posemb:  # else the posemb was added before prepending (big_vision)
+                prefix = prefix + self.prefix_pos_embedding[...]
+            x = jnp.concatenate([jnp.broadcast_to(prefix, (x.shape[0], P, cfg.width)), x], axis=1)
+        if cfg.pre_norm:
+            bias = self.pre_norm_bias[...] if cfg.norm_bias else None
+            x = normalize(x, self.pre_norm_scale[...], bias, cfg.norm, cfg.norm_eps)
 
         x, encoder_out = self.encoder(x, return_layers=return_layers, attn_stats=attn_stats)
-        out.update(encoder_out)
-        bias = self.encoder_norm_bias[...] if cfg.norm_bias else None
-        x = normalize(x, self.encoder_norm_scale[...], bias, cfg.norm, cfg.norm_eps)
-        out["encoded"] = x
+        out.update({k: v[:, P:] if k.startswith("block_") else v for k, v in encoder_out.items()})
+        if not cfg.fc_norm:
+            bias = self.encoder_norm_bias[...] if cfg.norm_bias else None
+            x = normalize(x, self.encoder_norm_scale[...], bias, cfg.norm, cfg.norm_eps)
+        out["encoded"] = x[:, P:]
+        if P:
+            out["prefix"] = x[:, :P]
 
-        if cfg.head == "map":
+        if cfg.head == "map":  # over all tokens, prefix included (timm)
             x = self.map_head(x)
-        elif cfg.head == "gap":
-            x = jnp.mean(x, axis=1)
+        elif cfg.head == "gap":  # over the patch tokens (timm)
+            x = jnp.mean(x[:, P:], axis=1)
         elif cfg.head == "token":
             x = x[:, 0]
+        else:
+            x = x[:, P:]
+        if cfg.fc_norm:
+            bias = self.fc_norm_bias[...] if cfg.norm_bias else None
+            x = normalize(x, self.fc_norm_scale[...], bias, cfg.norm, cfg.norm_eps)
         out["pre_logits"] = x  # "none": per-token features [B, N, D]
 
         if cfg.num_classes:

@@ -135,7 +135,7 @@ def check(cfg: ModelConfig, batch: int, data: int, model: int, grad_accum: int =
 
 def _dims(cfg: ModelConfig, b: int, m: int) -> dict[str, int]:
     H, hd, Mh = cfg.num_heads, cfg.head_dim, cfg.mlp_dim // cfg.num_heads
-    return dict(b=b, T=cfg.num_patches + (cfg.head == "token"), D=cfg.width, Dm=cfg.width // m,
+    return dict(b=b, T=cfg.num_tokens, D=cfg.width, Dm=cfg.width // m,
                 Hm=H // m, hd=hd, Mh=Mh, F=3 * hd + Mh, Fo=hd + Mh, s=np.dtype(cfg.dtype_mm).itemsize)
 
 
@@ -231,7 +231,7 @@ def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
     reduce_scatter = sum(r["bytes"] // 4 * s * (data - 1) for r in st["records"] if r["over_data"])
     all_reduce = sum(2 * ring_d * r["bytes"] // 4 * s for r in st["records"] if not r["over_data"])
     b = batch // (data * grad_accum)
-    full = b * (cfg.num_patches + (cfg.head == "token")) * cfg.width * (model - 1) / model
+    full = b * cfg.num_tokens * cfg.width * (model - 1) / model
     # per layer: forward all-gather of the block input + reduce-scatter of the out-projection's
     # partial sums; backward: all-gather of the output cotangent + reduce-scatter of the input
     # cotangent; the recompute repeats the forward pair (nothing_saveable) or the gather (dots)
@@ -260,7 +260,7 @@ def plan(cfg: ModelConfig, batch: int, data: int, model: int, hw: Hardware,
     comm = collectives(cfg, batch, data, model, remat, optimizer, grad_accum, hw)
     t_comm = sum(c["seconds"] for c in comm)
     mem = memory(cfg, batch, data, model, remat, optimizer, grad_accum)
-    tokens = batch * (cfg.num_patches + (cfg.head == "token"))
+    tokens = batch * cfg.num_tokens
     out: dict[str, Any] = {
         "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads,
                    "mlp_dim": cfg.mlp_dim, "patch": cfg.patch_size, "image_size": cfg.image_size},
@@ -349,8 +349,25 @@ def _hardware(args: argparse.Namespace) -> Hardware:
     return dataclasses.replace(hw, **changes)
 
 
+def _plan_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset's config, or a checkpoint's own (e.g. an imported timm / big_vision model)."""
+    if (args.preset is None) == (args.checkpoint is None):
+        raise ConfigError("plan: give a preset (e.g. 22B/14) or --checkpoint DIR, not both")
+    sizes = {k: v for k, v in (("image_size", args.image_size), ("num_classes", args.num_classes))
+             if v is not None}
+    if args.preset is not None:
+        return preset(args.preset, **{"image_size": 224, "num_classes": 1000, **sizes})
+    from vit22b.weights import read_weights
+
+    _, cfg = read_weights(args.checkpoint)
+    if cfg is None:
+        raise ConfigError(f"{args.checkpoint} carries no vit22b config: plan a preset instead")
+    return cfg.replace(**sizes)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg = preset(args.preset, image_size=args.image_size, num_classes=args.num_classes)
+    cfg = _plan_config(args)
+    args.preset = args.preset or str(args.checkpoint)
     hw = _hardware(args)
     if args.search:
         found = search(cfg, args.batch, args.search, hw, args.optimizer)
@@ -379,10 +396,12 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `vit22b plan` on a cli's sub-parsers (sets its own `func`)."""
     p = subparsers.add_parser("plan", help="per-device memory, collectives and predicted MFU of "
                               "a preset on a mesh (analytic; --search finds the best mesh)")
-    p.add_argument("preset", help="e.g. 22B/14")
+    p.add_argument("preset", nargs="?", default=None, help="e.g. 22B/14 (or --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="plan a model dir's own config instead of a "
+                   "preset (e.g. one `vit22b import` wrote)")
     p.add_argument("--batch", type=int, default=65536, help="global batch (paper: 65,536)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=None, help="default 224 (or the checkpoint's)")
+    p.add_argument("--num-classes", type=int, default=None, help="default 1000 (or the checkpoint's)")
     p.add_argument("--mesh", default="1x1", help="DATAxMODEL as for train (e.g. 256x16, or "
                    "--mesh=-1x16 --devices 4096)")
     p.add_argument("--devices", type=int, default=None, help="device count (needed with -1 in --mesh)")

@@ -5,7 +5,9 @@ Every parameter carries logical axis names (model.logical_axes); activations are
 
     batch       -> data    data parallelism
     heads, mlp  -> model   each of the k model devices computes 1/k of every fused projection's
-                           output (its heads and its share of the MLP; see encoder.py's layout)
+                           output (its heads and its share of the MLP; see encoder.py's layout);
+                           the sequential block's qkv / attn-out / MLP kernels carry the same
+                           names, so they split the same way (Megatron-style)
     act_embed   -> model   between blocks each model device holds 1/k of the activations' features
     embed       -> data    only for kernels of at least `fsdp_min_bytes`: large parameters are also
                            sharded over the data axis (ZeRO-3/FSDP style); XLA all-gathers them
@@ -38,7 +40,7 @@ DATA, MODEL = "data", "model"
 class ShardingRules:
     rules: tuple[tuple[str, str | None], ...] = (
         ("batch", DATA), ("heads", MODEL), ("mlp", MODEL), ("act_embed", MODEL),
-        ("act_heads", MODEL),
+        ("act_heads", MODEL), ("act_mlp", MODEL),
     )
     fsdp_axis: str | None = DATA  # None disables parameter sharding over data
     fsdp_min_bytes: int = 4 * 2**20  # big_vision's threshold: small tensors stay replicated

@@ -1,5 +1,7 @@
 """Weights to and from timm's ViT-22B-style model (PyTorch), without needing torch.
 
+The entry points also dispatch timm's standard ViT family (sequential blocks) to timm_vit.py.
+
 timm's side: `VisionTransformer(block_fn=partial(ParallelScalingBlock, fuse_out_proj=True),
 qkv_bias=False, qk_norm=True, class_token=False, no_embed_class=True, global_pool='map', ...)`.
 
@@ -24,25 +26,40 @@ from vit22b.config import ConfigError, ModelConfig
 Flat = dict[str, np.ndarray]
 
 
-def config_from_timm(state: Flat, *, num_heads: int, norm: str = "layer",
-                     qk_norm_type: str | None = None, gelu_approximate: bool = False,
-                     **overrides: Any) -> ModelConfig:
-    """Infer a ModelConfig from timm tensor shapes; heads/norm/GELU can't be seen in shapes.
+def config_from_timm(state: Flat, *, num_heads: int | None = None, head_dim: int | None = None,
+                     norm: str = "layer", qk_norm_type: str | None = None,
+                     gelu_approximate: bool = False, **overrides: Any) -> ModelConfig:
+    """Infer a ModelConfig from timm tensor names and shapes; heads/norm/GELU can't be seen in shapes.
 
-    timm's `norm_layer=partial(LayerNorm, bias=False)` is norm='layer', timm's RmsNorm is 'rms';
-    timm's act_layer 'gelu' is exact (gelu_approximate=False), 'gelu_tanh' is approximate.
+    timm's standard ViT (`blocks.i.attn.qkv`) goes to timm_vit.detect_config; this handles the
+    parallel-block layout. timm's `norm_layer=partial(LayerNorm, bias=False)` is norm='layer',
+    timm's RmsNorm is 'rms'; timm's act_layer 'gelu' is exact (gelu_approximate=False), 'gelu_tanh'
+    approximate. Without num_heads: from the q_norm size, else width / head_dim (default 64).
     """
+    if "blocks.0.attn.qkv.weight" in state:
+        from vit22b.timm_vit import detect_config  # imports this module
+
+        return detect_config(state, num_heads=num_heads, head_dim=head_dim, norm=norm,
+                             qk_norm_type=qk_norm_type, gelu_approximate=gelu_approximate, **overrides)
     required = ["patch_embed.proj.weight", "pos_embed", "blocks.0.in_proj.weight", "attn_pool.latent"]
     for key in required:
         if key not in state:
             raise ConfigError(
-                f"timm weights lack {key!r}: only timm's parallel-block ViT with "
-                "fuse_out_proj=True, no class token and global_pool='map' can be imported")
+                f"timm weights lack {key!r}: neither timm's standard ViT (blocks.i.attn.qkv) nor its "
+                "parallel-block ViT (fuse_out_proj=True, no class token, global_pool='map')")
     D, C, p, _ = state["patch_embed.proj.weight"].shape
-    if "blocks.0.q_norm.weight" in state and state["blocks.0.q_norm.weight"].shape[0] * num_heads != D:
+    seen_hd = state["blocks.0.q_norm.weight"].shape[0] if "blocks.0.q_norm.weight" in state else None
+    if seen_hd and num_heads is not None and seen_hd * num_heads != D:
         head_dim = state["blocks.0.q_norm.weight"].shape[0]
         raise ConfigError(f"num_heads={num_heads} contradicts the weights: q_norm has head_dim "
                           f"{head_dim} and the width is {D}, so num_heads must be {D // head_dim}")
+    if num_heads is None:
+        if "blocks.0.q_norm.weight" in state:
+            num_heads = D // state["blocks.0.q_norm.weight"].shape[0]
+        elif D % (head_dim or 64) == 0:
+            num_heads = D // (head_dim or 64)
+        else:
+            raise ConfigError(f"width {D} is not a multiple of head_dim {head_dim or 64}: pass --num-heads")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     mlp_dim = state["blocks.0.in_proj.weight"].shape[0] - 3 * D
     grid = int(round(np.sqrt(state["pos_embed"].shape[1])))
@@ -60,11 +77,13 @@ def config_from_timm(state: Flat, *, num_heads: int, norm: str = "layer",
 
 
 def _check_supported(cfg: ModelConfig) -> None:
-    if cfg.block != "parallel" or cfg.head != "map" or cfg.posemb != "learn" or cfg.qkv_bias:
+    extras = cfg.num_prefix_tokens or cfg.pre_norm or cfg.fc_norm
+    if cfg.head != "map" or cfg.posemb != "learn" or cfg.qkv_bias or extras:
         raise ConfigError(
-            "timm conversion covers the ViT-22B layout only (block='parallel', head='map', "
-            f"posemb='learn', no QKV bias); this model has block={cfg.block!r}, head={cfg.head!r}, "
-            f"posemb={cfg.posemb!r}, qkv_bias={cfg.qkv_bias}")
+            "timm's parallel-block ViT has head='map', posemb='learn', no QKV bias, no class token, "
+            f"registers, pre_norm or fc_norm; this model has head={cfg.head!r}, posemb={cfg.posemb!r}, "
+            f"qkv_bias={cfg.qkv_bias}, prefix tokens {cfg.num_prefix_tokens}, pre_norm={cfg.pre_norm}, "
+            f"fc_norm={cfg.fc_norm}")
     if cfg.mlp_bias != cfg.out_bias:
         raise ConfigError("timm's fused out_proj has one bias: mlp_bias and out_bias must agree")
 
@@ -76,17 +95,59 @@ def _norm(prefix: str, ours: str, cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _simple_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(timm key, our flat name) for tensors that only need a transpose or nothing."""
-    pairs = [("pos_embed", "pos_embedding"), ("attn_pool.latent", "map_head/probe")]
-    pairs += _norm("norm", "encoder_norm", cfg) + _norm("attn_pool.norm", "map_head/norm", cfg)
-    if cfg.patch_bias:
-        pairs.append(("patch_embed.proj.bias", "patch_bias"))
+def _map_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    pairs = [("attn_pool.latent", "map_head/probe")] + _norm("attn_pool.norm", "map_head/norm", cfg)
     if cfg.mlp_bias:
         pairs += [("attn_pool.mlp.fc1.bias", "map_head/mlp_in_bias"),
                   ("attn_pool.mlp.fc2.bias", "map_head/mlp_out_bias")]
     if cfg.map_bias:
         pairs.append(("attn_pool.proj.bias", "map_head/out_bias"))
+    return pairs
+
+
+def map_head_to_flat(f: TrackedState, cfg: ModelConfig) -> Flat:
+    """timm's AttentionPoolLatent (`attn_pool.*`) -> our map_head/*; shared by both block kinds."""
+    D, H, hd = cfg.width, cfg.num_heads, cfg.head_dim
+    out: Flat = {ours: f[theirs] for theirs, ours in _map_pairs(cfg)}
+    out["map_head/query_kernel"] = f["attn_pool.q.weight"].T.reshape(D, H, hd)
+    out["map_head/kv_kernel"] = f["attn_pool.kv.weight"].T.reshape(D, 2, H, hd)
+    out["map_head/out_kernel"] = f["attn_pool.proj.weight"].T.reshape(H, hd, D)
+    if cfg.map_bias:
+        out["map_head/query_bias"] = f["attn_pool.q.bias"].reshape(H, hd)
+        out["map_head/kv_bias"] = f["attn_pool.kv.bias"].reshape(2, H, hd)
+    out["map_head/mlp_in_kernel"] = f["attn_pool.mlp.fc1.weight"].T
+    out["map_head/mlp_out_kernel"] = f["attn_pool.mlp.fc2.weight"].T
+    return out
+
+
+def map_head_from_flat(f: Flat, cfg: ModelConfig) -> Flat:
+    """The inverse of map_head_to_flat."""
+    D = cfg.width
+    out: Flat = {theirs: f[ours] for theirs, ours in _map_pairs(cfg)}
+    out["attn_pool.q.weight"] = f["map_head/query_kernel"].reshape(D, D).T
+    out["attn_pool.kv.weight"] = f["map_head/kv_kernel"].reshape(D, 2 * D).T
+    out["attn_pool.proj.weight"] = f["map_head/out_kernel"].reshape(D, D).T
+    if cfg.map_bias:
+        out["attn_pool.q.bias"] = f["map_head/query_bias"].reshape(D)
+        out["attn_pool.kv.bias"] = f["map_head/kv_bias"].reshape(2 * D)
+    out["attn_pool.mlp.fc1.weight"] = f["map_head/mlp_in_kernel"].T
+    out["attn_pool.mlp.fc2.weight"] = f["map_head/mlp_out_kernel"].T
+    return out
+
+
+def check_all_used(state: Flat, f: TrackedState) -> None:
+    unused = sorted(set(state) - f.used)
+    if unused:
+        raise ConfigError(f"timm tensor {unused[0]!r} has no counterpart in this config ({len(unused)} "
+                          "unused, e.g. a class token, biases or norms the flags switched off): "
+                          "converting would silently change the function; pass matching flags")
+
+
+def _simple_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(timm key, our flat name) for tensors that only need a transpose or nothing."""
+    pairs = [("pos_embed", "pos_embedding")] + _norm("norm", "encoder_norm", cfg)
+    if cfg.patch_bias:
+        pairs.append(("patch_embed.proj.bias", "patch_bias"))
     if cfg.num_classes:
         pairs.append(("head.bias", "head_bias"))
     return pairs
@@ -94,10 +155,14 @@ def _simple_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 def timm_to_flat(state: Flat, cfg: ModelConfig) -> Flat:
     """timm state dict (numpy, torch layouts) -> our flat '/'-named params."""
+    if cfg.block == "sequential":
+        from vit22b.timm_vit import vit_to_flat
+
+        return vit_to_flat(state, cfg)
     _check_supported(cfg)
     D, H, hd, M, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.depth
     Mh = cfg.mlp_per_head
-    f = _TrackedState(state)
+    f = TrackedState(state)
     out: Flat = {ours: f[theirs] for theirs, ours in _simple_pairs(cfg)}
     out["patch_kernel"] = f["patch_embed.proj.weight"].transpose(2, 3, 1, 0)  # [D,C,p,p]->[p,p,C,D]
 
@@ -129,25 +194,14 @@ def timm_to_flat(state: Flat, cfg: ModelConfig) -> Flat:
         out["encoder/mlp_in_bias"] = stack(lambda i: f[f"blocks.{i}.mlp_bias"].reshape(H, Mh))
         out["encoder/out_bias"] = stack(lambda i: f[f"blocks.{i}.out_proj.bias"])
 
-    out["map_head/query_kernel"] = f["attn_pool.q.weight"].T.reshape(D, H, hd)
-    out["map_head/kv_kernel"] = f["attn_pool.kv.weight"].T.reshape(D, 2, H, hd)
-    out["map_head/out_kernel"] = f["attn_pool.proj.weight"].T.reshape(H, hd, D)
-    if cfg.map_bias:
-        out["map_head/query_bias"] = f["attn_pool.q.bias"].reshape(H, hd)
-        out["map_head/kv_bias"] = f["attn_pool.kv.bias"].reshape(2, H, hd)
-    out["map_head/mlp_in_kernel"] = f["attn_pool.mlp.fc1.weight"].T
-    out["map_head/mlp_out_kernel"] = f["attn_pool.mlp.fc2.weight"].T
+    out.update(map_head_to_flat(f, cfg))
     if cfg.num_classes:
         out["head_kernel"] = f["head.weight"].T
-    unused = sorted(set(state) - f.used)
-    if unused:
-        raise ConfigError(f"timm tensor {unused[0]!r} has no counterpart in this config ({len(unused)} "
-                          "unused, e.g. a class token, biases or norms the flags switched off): "
-                          "converting would silently change the function; pass matching flags")
+    check_all_used(state, f)
     return out
 
 
-class _TrackedState:
+class TrackedState:
     """The timm state dict as float32, remembering which keys the conversion read."""
 
     def __init__(self, state: Flat):
@@ -163,6 +217,10 @@ class _TrackedState:
 
 def flat_to_timm(flat: Flat, cfg: ModelConfig) -> Flat:
     """Our flat params -> timm state dict (numpy, torch layouts); the inverse of timm_to_flat."""
+    if cfg.block == "sequential":
+        from vit22b.timm_vit import flat_to_vit
+
+        return flat_to_vit(flat, cfg)
     _check_supported(cfg)
     D, _H, hd, M, L = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.depth
     f = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -186,14 +244,7 @@ def flat_to_timm(flat: Flat, cfg: ModelConfig) -> Flat:
         if cfg.mlp_bias:
             out[f"blocks.{i}.mlp_bias"] = f["encoder/mlp_in_bias"][i].reshape(M)
             out[f"blocks.{i}.out_proj.bias"] = f["encoder/out_bias"][i]
-    out["attn_pool.q.weight"] = f["map_head/query_kernel"].reshape(D, D).T
-    out["attn_pool.kv.weight"] = f["map_head/kv_kernel"].reshape(D, 2 * D).T
-    out["attn_pool.proj.weight"] = f["map_head/out_kernel"].reshape(D, D).T
-    if cfg.map_bias:
-        out["attn_pool.q.bias"] = f["map_head/query_bias"].reshape(D)
-        out["attn_pool.kv.bias"] = f["map_head/kv_bias"].reshape(2 * D)
-    out["attn_pool.mlp.fc1.weight"] = f["map_head/mlp_in_kernel"].T
-    out["attn_pool.mlp.fc2.weight"] = f["map_head/mlp_out_kernel"].T
+    out.update(map_head_from_flat(f, cfg))
     if cfg.num_classes:
         out["head.weight"] = f["head_kernel"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

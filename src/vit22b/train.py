@@ -364,7 +364,8 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
                 if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
                     flush_metrics()
                     accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
-                    writer.write(step, **{"eval/accuracy": accuracy})
+                    writer.write(step, **{"eval/accuracy": accuracy,
+                                          "eval/train_seconds": time.time() - t_start})
                     say(f"step {step}/{cfg.steps}: eval accuracy {100 * accuracy:.2f}%")
                     window_start = time.time()
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -389,7 +390,7 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     checkpointer.close()
 
     accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
-    writer.write(step, **{"eval/accuracy": accuracy})
+    writer.write(step, **{"eval/accuracy": accuracy, "eval/train_seconds": time.time() - t_start})
     writer.close()
     params = multihost_utils.process_allgather(state["params"], tiled=True)
     if lead:

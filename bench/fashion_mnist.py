@@ -1,0 +1,107 @@
+"""Fashion-MNIST with the one command, over seeds: test accuracy against wall time.
+
+    python bench/fashion_mnist.py --seeds 0 1 2 --out bench/results/fashion_mnist_cpu.json
+
+Each seed runs `vit22b train --data fashion-mnist --seed S` (the recipe in recipes.py; any extra
+flags after `--` are passed on, e.g. `-- --steps 12000` for the long run) in its own work dir, with
+evaluation on the 10,000 test images every `--eval-every` steps. A finished work dir (final.json
+present) is reused. Reported per seed: final test accuracy, training seconds, and the
+(seconds, accuracy) curve; over seeds: mean, min and max. The PNG plots test accuracy against
+training wall time beside the data set's own benchmark figures. The load average is recorded
+before and after each run: time figures from a run whose load exceeded the core count are
+marked invalid (the accuracies stand: a run's batches and steps do not depend on the load).
+
+Recipe search is not done here: it used `--holdout train` (6,000 of the 60,000 training images);
+see README "Real data".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import loadavg, markdown_table, write_json
+
+# The data set's own table (README of zalandoresearch/fashion-mnist, as shipped by Debian).
+REFERENCE = {"human": 0.835, "MLP": 0.883, "2 conv + pooling": 0.916, "HOG + SVM": 0.926,
+             "ResNet18": 0.949, "WRN-28-10": 0.959}
+
+
+def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dict:
+    final = workdir / "final.json"
+    before = loadavg()
+    if not final.exists():
+        cmd = [sys.executable, "-m", "vit22b.cli", "train", "--data", "fashion-mnist", "--seed", str(seed),
+               "--workdir", str(workdir), "--eval-every", str(eval_every), "--no-progress", *extra]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    after = loadavg()
+    result = json.loads(final.read_text())
+    curve = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval/accuracy" in record:
+            curve.append((record.get("eval/train_seconds"), record["step"], record["eval/accuracy"]))
+    cores = os.cpu_count() or 1
+    return {"seed": seed, "workdir": str(workdir), "test_accuracy": result["eval_accuracy"],
+            "seconds": result["seconds"], "steps": result["steps"], "curve": curve,
+            "load_before": before, "load_after": after,
+            "time_valid": not any(x is not None and x[0] > cores for x in (before, after))}
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        pts = [(s / 60, a) for s, _, a in r["curve"] if s is not None]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=f"seed {r['seed']}")
+    for name, acc in REFERENCE.items():
+        ax.axhline(100 * acc, color="grey", lw=0.7, ls="--")
+        ax.text(ax.get_xlim()[1], 100 * acc, f" {name}", va="center", fontsize=7, color="grey")
+    ax.set(xlabel="training wall time (minutes, 2 CPU cores)", ylabel="test accuracy (%)",
+           title="vit22b train --data fashion-mnist", ylim=(60, 100))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--workdirs", default="workdirs/bench-fashion-mnist")
+    ap.add_argument("--out", default="bench/results/fashion_mnist_cpu.json")
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    runs = [run_seed(s, Path(args.workdirs) / f"seed{s}", args.eval_every, extra) for s in args.seeds]
+    accs = [r["test_accuracy"] for r in runs]
+    summary = {"mean": statistics.mean(accs), "min": min(accs), "max": max(accs),
+               "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "seconds_mean": statistics.mean(r["seconds"] for r in runs)}
+    header = ["seed", "test accuracy", "training s", "steps", "load before / after", "time valid"]
+    print(markdown_table(header,
+                         [[r["seed"], f"{100 * r['test_accuracy']:.2f}%", f"{r['seconds']:.0f}", r["steps"],
+                           f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}", r["time_valid"]]
+                          for r in runs]))
+    print(f"mean {100 * summary['mean']:.2f}% "
+          f"(min {100 * summary['min']:.2f}, max {100 * summary['max']:.2f})")
+    out = Path(args.out)
+    write_json(out, {"command": " ".join(["python", "bench/fashion_mnist.py", *argv]), "extra_flags": extra,
+                     "runs": runs, "summary": summary, "reference": REFERENCE})
+    plot(runs, out.with_suffix(".png"))
+    print(f"JSON: {out}, plot: {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
