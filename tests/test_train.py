@@ -89,7 +89,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, digits8, monkeypat
 
     real_loss = train_mod.classification_loss
     monkeypatch.setattr(train_mod, "classification_loss",
-                        lambda logits, labels, kind: real_loss(logits, labels, kind) * jnp.nan)
+                        lambda logits, labels, *rest: real_loss(logits, labels, *rest) * jnp.nan)
     with pytest.raises(TrainingError, match="non-finite.*last good checkpoint is step 3"):
         train(tiny_config(tmp_path, steps=9), digits8)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]

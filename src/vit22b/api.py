@@ -14,14 +14,22 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vit22b.config import ConfigError, ModelConfig
 from vit22b.model import ViT, abstract_model, split_params
 from vit22b.posemb import ResampleMethod
 from vit22b.timm_convert import config_from_timm, flat_to_timm, timm_to_flat
 from vit22b.timm_vit import overrides_from_timm_name
-from vit22b.weights import WeightsError, atomic_write, fit_weights, flatten, read_weights, save_model
+from vit22b.weights import (
+    WeightsError,
+    atomic_write,
+    fit_weights,
+    flatten,
+    read_safetensors,
+    read_weights,
+    save_model,
+)
 
 __all__ = ["load_model", "save_model", "import_timm", "export_timm", "import_weights", "export_weights",
            "model_from_params"]
@@ -80,7 +88,7 @@ def export_timm(location: str | Path, dst: str | Path) -> Path:
 
 
 def _timm_state(src: str | Path) -> dict[str, Any]:
-    state = load_file(str(src))
+    state, _ = read_safetensors(src)  # one-line WeightsError for pickles, bombs, NaN/Inf
     if any(k.startswith("param/") for k in state):  # the golden-reference layout
         state = {k[len("param/"):]: v for k, v in state.items() if k.startswith("param/")}
     return state

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vit22b.cli_args import OneLineParser, check_train_args, join_negative_values
 from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.convert_cli import add_parsers as add_convert_parsers
 from vit22b.plan import add_plan_parser
@@ -85,7 +86,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--keep-checkpoints", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, help="default: every 10%% of the steps; "
+                   "0: only at the end")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("scale-out (see README: multi-host)")
@@ -124,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vit22b.recipes import model_config_for, optim_config_for, recipe_for
     from vit22b.train import TrainConfig, train
 
+    check_train_args(args)  # before any work: a bad flag costs nothing and writes nothing
     init_distributed(args)
     recipe = recipe_for(args.data)
     val_fraction = _given(args.val_fraction, 0.1 if args.holdout == "train" else 0.2)
@@ -211,13 +214,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from vit22b.api import load_model
+    from vit22b.inputs import load_input_npy
 
+    if args.batch_size < 1 or args.top_k < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} / --top-k {args.top_k}: both must be >= 1")
     model = load_model(args.checkpoint, **({"dtype_mm": args.dtype_mm} if args.dtype_mm else {}))
     cfg = model.cfg
-    forward = jax.jit(lambda x: model(x)[0])
+    jitted = jax.jit(lambda x: model(x)[0])
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(jitted(x))
+        if not np.isfinite(logits).all():  # finite inputs and weights were checked: a model overflow
+            raise ValueError(f"the model gave NaN/Inf logits on finite inputs: try --dtype-mm float32 "
+                             f"(checkpoint {args.checkpoint})")
+        return logits
+
     if args.input_npy:
-        x = np.load(args.input_npy, allow_pickle=False).astype(np.float32)
-        logits = np.concatenate([np.asarray(forward(x[i:i + args.batch_size]))
+        x = load_input_npy(args.input_npy, cfg.image_size, cfg.in_channels,
+                           float_range=not args.any_float_range)
+        logits = np.concatenate([forward(x[i:i + args.batch_size])
                                  for i in range(0, len(x), args.batch_size)])
         np.save(args.output_npy or "logits.npy", logits)
         print(f"wrote {args.output_npy or 'logits.npy'}: logits {logits.shape}")
@@ -229,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classes_file = Path(args.checkpoint) / "classes.json"
     names = json.loads(classes_file.read_text()) if classes_file.exists() else None
     images = np.stack([load_image(p, cfg.image_size, cfg.in_channels) for p in args.images])
-    logits = np.asarray(forward(images))
+    logits = forward(images)
     for path, row in zip(args.images, logits, strict=True):
         top = np.argsort(-row)[: args.top_k]
         shown = ", ".join(f"{names[i] if names else i} ({row[i]:.2f})" for i in top)
@@ -238,7 +253,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vit22b", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="vit22b", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_plan_parser(sub)
@@ -268,8 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on images or an .npy array")
     p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--input-npy", default=None, help="NHWC float32 array")
+    p.add_argument("--input-npy", default=None, help="images [N, S, S, C]: float in [-1, 1] (as "
+                   "trained) or uint8 0..255 (scaled as in training); anything else is refused")
     p.add_argument("--output-npy", default=None)
+    p.add_argument("--any-float-range", action="store_true", help="float inputs of any finite range (a "
+                   "model imported with another normalisation, e.g. timm's ImageNet mean/std)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--dtype-mm", choices=["bfloat16", "float32"], default=None,
@@ -287,19 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     from vit22b.checkpoint import CheckpointError
     from vit22b.data import DataError
+    from vit22b.interrupt import TrainingInterrupted
     from vit22b.train import TrainingError
     from vit22b.weights import WeightsError
+    from vit22b.workdir import WorkdirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, WeightsError, CheckpointError, TrainingError,
+    except (ConfigError, DataError, WeightsError, CheckpointError, TrainingError, WorkdirError,
             FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"vit22b {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except TrainingInterrupted as e:  # saved and said so: 130 (SIGINT) / 143 (SIGTERM)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the training loop (e.g. while loading): nothing to save
+        print(f"vit22b {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Literal
 
 # (width, depth, mlp_dim, num_heads). big_vision's `decode_variant` table, plus ViT-22B
@@ -198,6 +199,16 @@ class ModelConfig:
         need(self.attention_block > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.dtype_act in ("bfloat16", "float32"),
              f"dtype_act={self.dtype_act!r}: use 'float32' or 'bfloat16'")
+        need(math.isfinite(self.norm_eps) and self.norm_eps > 0,
+             f"norm_eps={self.norm_eps}: use a small positive number, e.g. 1e-6")
+        need(math.isfinite(self.head_bias_init), f"head_bias_init={self.head_bias_init}: use a finite "
+             "number, e.g. 0 or -log(classes - 1)")
+        if self.remat != "none":  # checked here: otherwise it fails only when the step is traced
+            import jax
+
+            need(callable(getattr(jax.checkpoint_policies, self.remat, None)),
+                 f"remat={self.remat!r}: use 'none' or a jax.checkpoint_policies name, e.g. "
+                 "'nothing_saveable' or 'dots_saveable'")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vit22b.interrupt import ignore_sigint
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Replacement attempts for an undecodable example before the stream gives up on the data set.
 _MAX_REPLACEMENTS = 32
@@ -163,7 +165,8 @@ def stream_batches(element: DecodeTrainExample, batch_size: int, *, seed: int, s
             yield mine[j]
     _absl_flags_parsed()
     iterator = iter(mine.to_iter_dataset().mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer_per_worker)))
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer_per_worker),
+        worker_init_fn=ignore_sigint))  # Ctrl-C is the trainer's to handle (interrupt.py)
     try:
         yield from iterator
     finally:  # stop the workers now, not in a __del__ at interpreter exit

@@ -12,6 +12,7 @@ per step is lr(t) * wd * param, as in big_vision ("wd = 0.03 * lr").
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -42,8 +43,16 @@ class OptimConfig:
             raise ValueError(f"optimizer {self.optimizer!r}: choose one of {Optimizer.__args__}")
         if self.schedule not in Schedule.__args__:
             raise ValueError(f"schedule {self.schedule!r}: choose one of {Schedule.__args__}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):  # NaN fails both
+            raise ValueError(f"learning rate must be positive and finite, got {self.learning_rate}")
+        numbers = {"weight_decay": self.weight_decay, "head_wd_mult": self.head_wd_mult,
+                   "grad_clip_norm": self.grad_clip_norm}
+        for name, value in numbers.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        for name in ("warmup_steps", "cooldown_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from vit22b.checkpoint import Checkpointer, abstract_like
 from vit22b.config import ModelConfig
 from vit22b.data import ImageDataset, load_dataset
+from vit22b.interrupt import StopSignals, TrainingInterrupted, agreed_stop
 from vit22b.metrics import MetricsWriter
 from vit22b.model import abstract_model, apply, init_model, logical_axes, split_params
 from vit22b.optim import OptimConfig, learning_rate_schedule, make_optimizer
@@ -40,6 +42,7 @@ from vit22b.sharding import (
     param_shardings,
 )
 from vit22b.weights import CONFIG_FILE, save_model
+from vit22b.workdir import TRAIN_CONFIG_FILE, WorkdirError, check_resumable, lock_workdir
 
 Loss = Literal["sigmoid", "softmax"]
 State = dict[str, Any]
@@ -68,12 +71,24 @@ class TrainConfig:
     data_workers: int | None = None  # decoding processes for streamed data; None: data.default_workers()
     seed: int = 0
     log_every: int = 50
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int | None = None  # None: every 10% of the steps; 0: only at the end
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     progress: bool = True
 
+    @property
+    def eval_interval(self) -> int:
+        """Steps between evaluations (0: only at the end); by default a tenth of the run, so the
+        accuracy is a curve."""
+        return math.ceil(self.steps / 10) if self.eval_every is None else self.eval_every
+
     def __post_init__(self) -> None:
+        for name in ("grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} "
+                                 f"(--{name.replace('_', '-')})")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
         if self.batch_size <= 0 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch size {self.batch_size} must be positive and divisible by "
                              f"grad_accum {self.grad_accum}")
@@ -207,24 +222,21 @@ def evaluate(predict: Any, params: Any, dataset: ImageDataset, batch_size: int) 
     return correct / max(total, 1)
 
 
-def _check_workdir(cfg: TrainConfig, workdir: Path) -> None:
-    """A work dir belongs to one model config: resuming with another would be silent nonsense."""
-    path = workdir / CONFIG_FILE
-    if path.exists():
-        old = ModelConfig.from_json(path.read_text())
-        if old != cfg.model:
-            diff = {k: (getattr(old, k), getattr(cfg.model, k))
-                    for k in dataclasses.asdict(old) if getattr(old, k) != getattr(cfg.model, k)}
-            raise TrainingError(
-                f"work dir {workdir} holds a run of another model config (was -> now: {diff}); "
-                "use a new --workdir, or the original flags to resume it.")
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg.model.to_json())
-    (workdir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+def _check_run(cfg: TrainConfig, dataset: ImageDataset, workdir: Path) -> None:
+    """Everything that can refuse the run, checked before the work dir is created or written."""
+    if cfg.batch_size > dataset.train_size:
+        raise TrainingError(f"batch size {cfg.batch_size} exceeds the {dataset.train_size} training "
+                            f"images of {dataset.name!r}: use --batch-size {dataset.train_size} or less")
+    try:
+        check_resumable(workdir, cfg.model, dataclasses.asdict(cfg.optim))
+    except WorkdirError as e:
+        raise TrainingError(str(e)) from None
 
 
-class _StopRequestedError(Exception):
-    pass
+def _write_run_files(cfg: TrainConfig, workdir: Path, class_names: tuple[str, ...]) -> None:
+    (workdir / CONFIG_FILE).write_text(cfg.model.to_json())
+    (workdir / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (workdir / "classes.json").write_text(json.dumps(list(class_names)))
 
 
 def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
@@ -247,28 +259,36 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     if cfg.batch_size % jax.process_count():
         raise TrainingError(f"batch {cfg.batch_size} does not split over {jax.process_count()} "
                             "processes: use a multiple of the process count")
-    if lead:
-        _check_workdir(cfg, workdir)
-        (workdir / "classes.json").write_text(json.dumps(list(dataset.class_names)))
+    _check_run(cfg, dataset, workdir)
+    lock = lock_workdir(workdir)  # refuses if another run holds the work dir; creates it if new
+    try:
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, lead=lead)
+        graphdef, tx, state, shardings = init_state(cfg, mesh, abstract=True)
+        restored = checkpointer.restore_latest(abstract_like(state))
+        if restored is None:
+            graphdef, tx, state, shardings = init_state(cfg, mesh)
+        else:
+            state = restored[1]
+            print(f"resumed from {workdir}/checkpoints/{restored[0]}", flush=True)
+        if lead:  # only now: a refused or failed resume leaves the work dir's files as they were
+            _write_run_files(cfg, workdir, dataset.class_names)
+        return _train_loop(cfg, dataset, workdir, mesh, checkpointer, graphdef, tx, state, shardings,
+                           t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    start = checkpointer.latest_step()
-    graphdef, tx, state, shardings = init_state(cfg, mesh, abstract=start is not None)
-    if start is not None:
-        state = checkpointer.restore(start, abstract_like(state))
-        print(f"resumed from {workdir}/checkpoints/{start}")
+
+def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Mesh,
+                checkpointer: Checkpointer, graphdef: Any, tx: optax.GradientTransformation,
+                state: State, shardings: Any, t_start: float) -> dict[str, Any]:
+    lead = jax.process_index() == 0
     start = int(state["step"])
     train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
     predict = make_predict(graphdef, mesh)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     writer = MetricsWriter(workdir, enabled=lead)
 
-    stop: dict[str, Any] = {}
-
-    def on_signal(signum: int, _: Any) -> None:  # SIGTERM (preemption): checkpoint, then stop
-        stop["signal"] = signum
-
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
     batches = dataset.train_batches(cfg.batch_size // jax.process_count(), seed=cfg.seed,
                                     start_step=start, augment=cfg.augment,
                                     process_index=jax.process_index(),
@@ -280,8 +300,17 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     window_start, window_steps, window_wait = time.time(), 0, 0.0
     step = start
 
-    def flush_metrics() -> None:
-        """Fetch the queued per-step metrics (one host sync), stop on a non-finite step."""
+    def say(message: str) -> None:
+        """One line from the lead process, above the progress bar if there is one."""
+        if lead:
+            if cfg.progress:
+                tqdm.write(message)
+            else:
+                print(message, flush=True)
+
+    def flush_metrics(log: bool = False) -> None:
+        """Fetch the queued per-step metrics (one host sync), stop on a non-finite step; `log`:
+        also print them when there is no progress bar to show them."""
         nonlocal window_start, window_steps, window_wait
         if not pending:
             return
@@ -296,65 +325,67 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
         img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
         wait_ms = 1000 * window_wait / max(window_steps, 1)
         last_step, last = pending[-1][0] + 1, fetched[-1]
+        lr = float(schedule(last_step - 1))
         writer.write(last_step, **{"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                                   "train/param_norm": last["param_norm"],
-                                   "train/lr": float(schedule(last_step - 1)),
+                                   "train/param_norm": last["param_norm"], "train/lr": lr,
                                    "train/images_per_second": img_s, "train/data_wait_ms": wait_ms,
                                    "data/skipped_files": dataset.skipped + len(skipped_indices)})
         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", data_ms=f"{wait_ms:.1f}")
+        if log and not cfg.progress:
+            say(f"step {last_step}/{cfg.steps}: loss {last['loss']:.4f}, lr {lr:.2e}, {img_s:.0f} img/s, "
+                f"data wait {wait_ms:.1f} ms")
         pending.clear()
         window_start, window_steps, window_wait = time.time(), 0, 0.0
 
-    try:
-        while step < cfg.steps:
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            window_wait += time.perf_counter() - t_wait
-            skipped = batch.pop("skipped_index", None)
-            if skipped is not None:
-                skipped_indices.update(int(i) for i in skipped[skipped >= 0])
-            state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            if step == start + 1:  # keep compilation out of the img/s figure
-                jax.block_until_ready(metrics)
-                window_start, window_steps, window_wait = time.time(), 0, 0.0
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                flush_metrics()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                flush_metrics()
-                writer.write(step, **{"eval/accuracy": evaluate(predict, state["params"], dataset,
-                                                                 cfg.batch_size),
-                                      "eval/train_seconds": time.time() - t_start})
-                window_start = time.time()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                flush_metrics()
-                checkpointer.save(step, state)
-            if stop:
-                raise _StopRequestedError
-    except (KeyboardInterrupt, _StopRequestedError):
+    def close() -> None:
         bar.close()
-        flush_metrics()  # raises (and nothing is saved) if a queued step was non-finite
+        checkpointer.close()
+        writer.close()
+
+    with StopSignals() as signals:  # Ctrl-C / SIGTERM: finish the step, save, stop (interrupt.py)
         try:
-            checkpointer.save(step, state)
-            saved = f"checkpoint {step} saved"
-        except RuntimeError:  # interrupted inside the step call: its input state was donated
-            saved = f"the last checkpoint is step {checkpointer.latest_step()}"
-        checkpointer.close()
-        writer.close()
-        print(f"\ninterrupted at step {step}: {saved} in {workdir}/checkpoints; run the same "
-              "command again to resume")
-        raise
-    except TrainingError:
-        bar.close()
-        checkpointer.close()
-        writer.close()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        batches.close()  # stops the decoding workers, if any
+            while step < cfg.steps:
+                t_wait = time.perf_counter()
+                batch = next(batches)
+                window_wait += time.perf_counter() - t_wait
+                skipped = batch.pop("skipped_index", None)
+                if skipped is not None:
+                    skipped_indices.update(int(i) for i in skipped[skipped >= 0])
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step == start + 1:  # keep compilation out of the img/s figure
+                    jax.block_until_ready(metrics)
+                    window_start, window_steps, window_wait = time.time(), 0, 0.0
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    flush_metrics(log=True)
+                if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+                    flush_metrics()
+                    accuracy = evaluate(predict, state["params"], dataset, cfg.batch_size)
+                    writer.write(step, **{"eval/accuracy": accuracy,
+                                          "eval/train_seconds": time.time() - t_start})
+                    say(f"step {step}/{cfg.steps}: eval accuracy {100 * accuracy:.2f}%")
+                    window_start = time.time()
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    flush_metrics()
+                    checkpointer.save(step, state)
+                    say(f"step {step}/{cfg.steps}: checkpoint -> {checkpointer.directory / str(step)}")
+                signum = agreed_stop(signals, step % cfg.log_every == 0)
+                if signum is not None:
+                    flush_metrics()  # raises (and nothing is saved) if a queued step was non-finite
+                    checkpointer.save(step, state)
+                    close()
+                    message = (f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint "
+                               f"{step} saved in {checkpointer.directory}; run the same command to resume")
+                    say(message)
+                    raise TrainingInterrupted(signum, message)
+        except TrainingError:
+            close()
+            raise
+        finally:
+            batches.close()  # stops the decoding workers, if any
     bar.close()
     checkpointer.close()
 

@@ -8,7 +8,7 @@ also repeated in the file's metadata so a lone .safetensors file is self-describ
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,15 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then rename: a crash mid-write never damages an existing file."""
+    """write(tmp_path) then rename: a crash mid-write never damages an existing file. The result
+    has mode 0666 minus the umask, like any other file (tempfile.mkstemp's 0600 would carry over)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode  # 0666 minus the umask, read without changing the umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that re-creates the file (safetensors does) may not keep it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -85,15 +88,35 @@ def weights_path(location: str | Path) -> Path:
     return path
 
 
-def read_weights(location: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
-    """Flat arrays and the config stored beside or inside them (None if there is none)."""
-    path = weights_path(location)
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(arrays, metadata) of an untrusted .safetensors file, or one-line WeightsError. The library
+    checks the header before allocating anything (its length, and that every tensor's shape x
+    dtype fits the bytes it claims inside the file), so oversized headers and shape bombs fail
+    cheaply; pickles (.pth, .bin, .pt) are never loaded. Non-finite values are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no weights file at {path}: pass an existing .safetensors file")
     try:
         flat = load_file(str(path))
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); re-export it") from e
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise WeightsError(
+            f"{path} is not a readable safetensors file ({e}): weights are read from .safetensors "
+            "only (pickled .pth/.bin/.pt files are never loaded); convert a trusted one with "
+            "safetensors.torch.save_file") from e
+    for name, value in flat.items():
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise WeightsError(f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s): the weights are "
+                               "broken (a diverged run?); use an earlier checkpoint")
+    return flat, meta
+
+
+def read_weights(location: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
+    """Flat arrays and the config stored beside or inside them (None if there is none)."""
+    path = weights_path(location)
+    flat, meta = read_safetensors(path)
     cfg_text = meta.get("vit22b_config")
     if cfg_text is None and (path.parent / CONFIG_FILE).exists():
         cfg_text = (path.parent / CONFIG_FILE).read_text()
