@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from conftest import run_task
-from vit22b.data import DataError
 from vit22b.tasks import probe
 
 
@@ -109,5 +108,8 @@ def test_probe_errors(digits_ckpt, tmp_path):
         (folder / c).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / c / f"{i}.png")
-    with pytest.raises(DataError, match="1-channel images"):
-        run(["--checkpoint", ckpt, "--data", str(folder)])
+    # a 1-channel checkpoint on RGB images is adapted (not refused), and the JSON says how
+    assert run(["--checkpoint", ckpt, "--data", str(folder), "--out", str(tmp_path / "p.json"),
+                "--steps", "5"]) == 0
+    done = json.loads((tmp_path / "p.json").read_text())
+    assert done["channel_adaptation"] == "1-channel patch kernel repeated over 3 channels and scaled 1/3"
