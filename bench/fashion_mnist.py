@@ -33,14 +33,17 @@ REFERENCE = {"human": 0.835, "MLP": 0.883, "2 conv + pooling": 0.916, "HOG + SVM
 
 
 def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dict:
-    final = workdir / "final.json"
-    before = loadavg()
+    final, loads = workdir / "final.json", workdir / "bench_load.json"
     if not final.exists():
+        before = loadavg()
         cmd = [sys.executable, "-m", "vit22b.cli", "train", "--data", "fashion-mnist", "--seed", str(seed),
                "--workdir", str(workdir), "--eval-every", str(eval_every), "--no-progress", *extra]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    after = loadavg()
+        loads.write_text(json.dumps({"load_before": before, "load_after": loadavg()}))
+    # a reused run reports the load of the run itself, not of now (None where it was not recorded)
+    recorded = json.loads(loads.read_text()) if loads.exists() else {}
+    before, after = recorded.get("load_before"), recorded.get("load_after")
     result = json.loads(final.read_text())
     curve = []
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -51,7 +54,7 @@ def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dic
     return {"seed": seed, "workdir": str(workdir), "test_accuracy": result["eval_accuracy"],
             "seconds": result["seconds"], "steps": result["steps"], "curve": curve,
             "load_before": before, "load_after": after,
-            "time_valid": not any(x is not None and x[0] > cores for x in (before, after))}
+            "time_valid": None if before is None else not any(x[0] > cores for x in (before, after))}
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["seed", "test accuracy", "training s", "steps", "load before / after", "time valid"]
     print(markdown_table(header,
                          [[r["seed"], f"{100 * r['test_accuracy']:.2f}%", f"{r['seconds']:.0f}", r["steps"],
-                           f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}", r["time_valid"]]
+                           f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}" if r["load_before"]
+                           else "not recorded", r["time_valid"]]
                           for r in runs]))
     print(f"mean {100 * summary['mean']:.2f}% "
           f"(min {100 * summary['min']:.2f}, max {100 * summary['max']:.2f})")
