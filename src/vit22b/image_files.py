@@ -163,6 +163,7 @@ def stream_batches(element: DecodeTrainExample, batch_size: int, *, seed: int, s
     if workers <= 0:
         for j in range(sys.maxsize):
             yield mine[j]
+        return
     _absl_flags_parsed()
     iterator = iter(mine.to_iter_dataset().mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer_per_worker),
