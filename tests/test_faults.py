@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,16 +46,21 @@ def _run(workdir: Path, when: Callable[[str], bool] | None = None, sig: int = si
          ) -> tuple[int, list[str], str]:
     """Run the command; send `sig` at the first stdout line where `when` holds. (rc, lines, stderr)"""
     env = {**ENV, "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache")}
-    proc = subprocess.Popen(_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if when is not None and when(lines[-1]):
-            proc.send_signal(sig)
-            break
-    out, err = proc.communicate(timeout=600)
+    # stderr goes to a file, not a pipe: a pipe nobody reads while stdout is being followed fills
+    # at 64 KiB and blocks the child in write() for ever (it did, in CI).
+    with tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=err_file,
+                                text=True)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if when is not None and when(lines[-1]):
+                proc.send_signal(sig)
+                break
+        out, _ = proc.communicate(timeout=600)
+        err_file.seek(0)
+        err = err_file.read()
     lines += out.splitlines()
     return proc.returncode, lines, err
 
@@ -154,14 +160,17 @@ def test_ctrl_c_to_the_process_group_with_decoding_workers(tmp_path):
     cmd = [sys.executable, "-m", "vit22b.cli", "train", "--data", str(tmp_path / "images"), "--preset",
            "mu/4", "--image-size", "8", "--steps", "1000", "--batch-size", "8", "--log-every", "1",
            "--no-progress", "--data-workers", "1", "--workdir", str(tmp_path / "w")]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if _step_of(STEP_LINE, line) == 5:
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=300)
+    with tempfile.TemporaryFile("w+") as err_file:  # a file, not a pipe: see _run
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if _step_of(STEP_LINE, line) == 5:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out, _ = proc.communicate(timeout=300)
+        err_file.seek(0)
+        err = err_file.read()
     stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGINT after step")]
     assert proc.returncode == 130 and len(stopped) == 1, (proc.returncode, out[-500:], err[-2000:])
     saved = int(re.search(r"after step (\d+)", stopped[0]).group(1))

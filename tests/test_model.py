@@ -115,6 +115,7 @@ MAP_ALL = MAP_BIASES | {f"map_head/{n}" for n in (
     (dict(head="token"), {"cls_token"}, MAP_ALL),
     (dict(head="gap"), set(), MAP_ALL),
     (dict(head="none"), set(), MAP_ALL),
+    (dict(conv_stem_channels=8), {"stem_conv_kernel", "stem_conv_bias"}, set()),
 ])
 def test_switches_change_the_parameter_set(changes, added, removed, tiny_cfg):
     base = param_names(tiny_cfg)
@@ -247,8 +248,30 @@ def test_pooling_heads_and_posembs(changes, tiny_cfg, images, random_params, for
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
 
 
+def np_conv3x3_gelu(images, kernel, bias):
+    """SAME 3x3 convolution, stride 1, then tanh-GELU: nine shifted einsums over a zero-padded image."""
+    H, W = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(np.einsum("bhwc,cs->bhws", padded[:, i:i + H, j:j + W], kernel[i, j])
+            for i in range(3) for j in range(3)) + bias
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+
+
+def test_conv_stem_then_patch_embedding(tiny_cfg, images, random_params, forward):
+    cfg = tiny_cfg.replace(conv_stem_channels=5)
+    params = random_params(cfg)
+    _, out = forward(cfg)(params, images)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    assert p["stem_conv_kernel"].shape == (3, 3, cfg.in_channels, 5)
+    assert p["patch_kernel"].shape == (cfg.patch_size, cfg.patch_size, 5, cfg.width)
+    features = np_conv3x3_gelu(np.asarray(images, np.float64), p["stem_conv_kernel"], p["stem_conv_bias"])
+    stem = np_patchify_embed(features, p["patch_kernel"], p["patch_bias"])
+    np.testing.assert_allclose(out["stem"], stem, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("changes", [
     dict(norm_bias=True, qkv_bias=True),  # parallel + MAP with every bias switched on
+    dict(conv_stem_channels=4),
     dict(block="sequential", head="token", norm="layer"),
 ])
 def test_every_parameter_gets_a_gradient(changes, tiny2_cfg, images, random_params):

@@ -42,11 +42,20 @@ def test_two_processes_match_one_process(tmp_path):
 
     multi = tmp_path / "multi"
     port = _free_port()
+    # Output to files, not pipes: waiting on one process while the other fills an unread pipe
+    # would block both for ever.
+    logs = [(tmp_path / f"process{i}.log").open("w+") for i in range(2)]
     procs = [subprocess.Popen([*cli, "--workdir", str(multi), "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+                              env=_env(2), stdout=log, stderr=subprocess.STDOUT, text=True)
+             for i, log in enumerate(logs)]
+    for p in procs:
+        p.wait(timeout=300)
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
 

@@ -120,3 +120,12 @@ def test_import_by_timm_model_name_then_predict(tmp_path, capsys):
                  "--output-npy", str(tmp_path / "y.npy"), "--dtype-mm", "float32",
                  "--any-float-range"]) == 0  # the golden input is N(0, 1), as timm-normalised images
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), g["logits"], rtol=0, atol=ATOL)
+
+
+def test_a_conv_stem_model_is_not_exported_to_timm(tiny_cfg):
+    for cfg in (tiny_cfg.replace(conv_stem_channels=4),
+                tiny_cfg.replace(conv_stem_channels=4, block="sequential")):
+        flat = {k: np.zeros(v.shape, np.float32)
+                for k, v in flatten(split_params(abstract_model(cfg))[1]).items()}
+        with pytest.raises(ConfigError, match="has no conv stem"):
+            flat_to_timm(flat, cfg)

@@ -197,10 +197,11 @@ def test_crash_mid_save_keeps_previous_file(tmp_path, tiny_cfg, random_params, m
         np.testing.assert_array_equal(flat[name], value)
 
 
-def test_channel_adaptation_equals_gray_replicated_to_rgb(tmp_path):
+@pytest.mark.parametrize("conv_stem_channels", [0, 6])
+def test_channel_adaptation_equals_gray_replicated_to_rgb(tmp_path, conv_stem_channels):
     """An RGB checkpoint on 1-channel data (timm's adapt_input_conv rule) computes exactly what the
     RGB model computes on the gray image replicated to three channels; and 1 -> 3 is the gray model
-    on the channel mean."""
+    on the channel mean. With a conv stem, its kernel is the one adapted (it sees the pixels)."""
     import jax
 
     from vit22b.api import load_model
@@ -208,7 +209,8 @@ def test_channel_adaptation_equals_gray_replicated_to_rgb(tmp_path):
     from vit22b.model import init_model, split_params
     from vit22b.weights import adapt_input_channels, save_model
 
-    rgb_cfg = preset("mu/4", image_size=8, in_channels=3, num_classes=5, dtype_mm="float32")
+    rgb_cfg = preset("mu/4", image_size=8, in_channels=3, num_classes=5, dtype_mm="float32",
+                     conv_stem_channels=conv_stem_channels)
     _, params = split_params(init_model(rgb_cfg, seed=1))
     save_model(tmp_path / "rgb", jax.device_get(params), rgb_cfg)
     gray = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)

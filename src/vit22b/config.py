@@ -87,6 +87,12 @@ class ModelConfig:
     layer_scale: bool = False  # per-channel learned scales on both branches (CaiT/DINOv2), sequential
     act: Act = "gelu"  # "quick_gelu": x * sigmoid(1.702 x), OpenAI CLIP's MLP activation
     head_bias_init: float = 0.0  # -10 for JFT-style sigmoid training (big_vision)
+    # --- small-data option, off for the paper -------------------------------------------------
+    # Channels of a 3x3 convolution (stride 1, GELU) applied to the pixels before the patch
+    # embedding, which then patchifies its output; 0: the paper's plain patch embedding. Early
+    # convolutions make ViTs learn faster on small data (Xiao et al. 2021, "Early Convolutions Help
+    # Transformers See Better"); the token count and the encoder are unchanged.
+    conv_stem_channels: int = 0
     # --- numerics and memory ----------------------------------------------------------------
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
     # Storage of the blocks' projection outputs (q, k, v, MLP hidden) between the matmuls and the
@@ -123,6 +129,11 @@ class ModelConfig:
     def mlp_per_head(self) -> int:
         """MLP units stored beside each head in the fused kernels (see model.py)."""
         return self.mlp_dim // self.num_heads
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding sees: the conv stem's output, else the image's."""
+        return self.conv_stem_channels or self.in_channels
 
     @property
     def has_class_token(self) -> bool:
@@ -175,6 +186,8 @@ class ModelConfig:
         need(not (self.head == "token" and self.class_token is False),
              "head='token' pools the class token: set class_token=True (or None), or pick another head")
         need(self.num_registers >= 0, f"num_registers must be >= 0, got {self.num_registers}")
+        need(self.conv_stem_channels >= 0,
+             f"conv_stem_channels must be >= 0 (0: no conv stem), got {self.conv_stem_channels}")
         need(not self.class_posemb or self.num_prefix_tokens > 0,
              "class_posemb=True gives the prefix tokens posemb rows, but there are none: add "
              "class_token=True or registers, or set class_posemb=False")

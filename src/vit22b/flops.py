@@ -15,7 +15,9 @@ def flops_per_image(cfg: ModelConfig) -> dict[str, int]:
     D, M, L, C = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_classes
     N = cfg.num_patches
     T = cfg.num_tokens  # tokens through the encoder (class token and registers included)
-    patch = 2 * N * cfg.patch_size**2 * cfg.in_channels * D
+    patch = 2 * N * cfg.patch_size**2 * cfg.patch_in_channels * D
+    # The optional 3x3 conv stem, at full resolution, counted with the patch embedding.
+    patch += 2 * cfg.image_size**2 * 9 * cfg.in_channels * cfg.conv_stem_channels
     # Fused in (D -> 3D + M) and out (D + M -> D) projections; the sequential block has the same
     # matmuls unfused. Attention: q.k^T and p.v, each 2*T*T*D.
     block_matmuls = 2 * T * D * (3 * D + M) + 2 * T * (D + M) * D

@@ -141,7 +141,9 @@ class DecodeTrainExample:
             except _DECODE_ERRORS:
                 skipped = i if skipped < 0 else skipped
                 continue
-            return {"image": normalise(_channels(image, self.in_channels)),
+            # uint8 (a quarter of float32's bytes through the workers' queues); stream_batches
+            # normalises whole batches in the trainer's process.
+            return {"image": _channels(image, self.in_channels),
                     "label": self.labels[i], "skipped_index": np.int64(skipped)}
         raise OSError(f"{_MAX_REPLACEMENTS} examples in a row failed to decode near stream position {k}: "
                       "the data set is mostly corrupt; check it with `vit22b prepare-data` or PIL")
@@ -162,18 +164,23 @@ def stream_batches(element: DecodeTrainExample, batch_size: int, *, seed: int, s
     mine = batches[start_step * process_count + process_index::process_count]
     if workers <= 0:
         for j in range(sys.maxsize):
-            yield mine[j]
+            yield _normalised(mine[j])
         return
     _absl_flags_parsed()
     iterator = iter(mine.to_iter_dataset().mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer_per_worker),
         worker_init_fn=ignore_sigint))  # Ctrl-C is the trainer's to handle (interrupt.py)
     try:
-        yield from iterator
+        for batch in iterator:
+            yield _normalised(batch)
     finally:  # stop the workers now, not in a __del__ at interpreter exit
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+
+
+def _normalised(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**batch, "image": normalise(batch["image"])}
 
 
 def _absl_flags_parsed() -> None:

@@ -30,8 +30,13 @@ Params = dict[str, Any]
 class ViT(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, p, C = cfg.width, cfg.patch_size, cfg.in_channels
+        D, p, C = cfg.width, cfg.patch_size, cfg.patch_in_channels
         key = rngs.params
+        if cfg.conv_stem_channels:  # [3, 3, C_image, C] like flax's Conv; small, so replicated
+            S, C_img = cfg.conv_stem_channels, cfg.in_channels
+            self.stem_conv_kernel = param(xavier_uniform(key(), (3, 3, C_img, S), 9 * C_img, 9 * S),
+                                          None, None, None, None)
+            self.stem_conv_bias = param(jnp.zeros((S,)), None)
         # Stored like flax's Conv kernel [p, p, C, D]; applied as a matmul over flattened patches.
         self.patch_kernel = param(xavier_uniform(key(), (p, p, C, D), p * p * C, D),
                                   None, None, None, "embed")
@@ -95,6 +100,11 @@ class ViT(nnx.Module):
         self.check_input(images)
         dt = jnp.dtype(cfg.dtype_mm)
         p = cfg.patch_size
+        if cfg.conv_stem_channels:
+            images = jax.lax.conv_general_dilated(
+                images.astype(dt), self.stem_conv_kernel[...].astype(dt), (1, 1), "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+            images = jax.nn.gelu(images + self.stem_conv_bias[...], approximate=cfg.gelu_approximate)
         patches = rearrange(images, "b (h p) (w q) c -> b (h w) p q c", p=p, q=p)
         x = matmul("bnpqc,pqcd->bnd", patches, self.patch_kernel[...], dt)
         if cfg.patch_bias:

@@ -76,7 +76,14 @@ def config_from_timm(state: Flat, *, num_heads: int | None = None, head_dim: int
     return ModelConfig(**fields)
 
 
+def refuse_conv_stem(cfg: ModelConfig, target: str) -> None:
+    if cfg.conv_stem_channels:
+        raise ConfigError(f"{target} has no conv stem, but this model has one (conv_stem_channels="
+                          f"{cfg.conv_stem_channels}): its weights stay in vit22b's own safetensors")
+
+
 def _check_supported(cfg: ModelConfig) -> None:
+    refuse_conv_stem(cfg, "timm's parallel-block ViT")
     extras = cfg.num_prefix_tokens or cfg.pre_norm or cfg.fc_norm
     if cfg.head != "map" or cfg.posemb != "learn" or cfg.qkv_bias or extras:
         raise ConfigError(

@@ -30,6 +30,7 @@ from vit22b.timm_convert import (
     check_all_used,
     map_head_from_flat,
     map_head_to_flat,
+    refuse_conv_stem,
 )
 
 DEFAULT_HEAD_DIM = 64
@@ -121,6 +122,7 @@ def detect_config(state: Flat, *, num_heads: int | None = None, head_dim: int | 
 
 
 def _check(cfg: ModelConfig) -> None:
+    refuse_conv_stem(cfg, "timm's standard ViT")
     if cfg.block != "sequential" or cfg.posemb != "learn":
         raise ConfigError("timm's standard ViT has sequential blocks and a learned posemb; this "
                           f"config has block={cfg.block!r}, posemb={cfg.posemb!r}")
