@@ -50,6 +50,15 @@ def test_temperature_scaling_fixes_over_confident_logits():
     assert robustness.calibration(logits, labels)["temperature"] == pytest.approx(1.0, rel=0.05)
 
 
+def test_held_out_calibration_fits_on_one_half_and_reports_on_the_other():
+    logits, labels = _calibrated()
+    cal = robustness.held_out_calibration(4.0 * logits, labels, seed=3)
+    assert cal["fit_examples"] + cal["report_examples"] == len(labels)
+    assert abs(cal["fit_examples"] - cal["report_examples"]) <= 1
+    assert cal["temperature"] == pytest.approx(4.0, rel=0.1)  # the over-confidence put in
+    assert cal["ece"] > 0.1 and cal["ece_scaled"] < 0.02  # on images T never saw
+
+
 @pytest.fixture(scope="module")
 def batch() -> np.ndarray:
     return next(load_digits_dataset(16).eval_batches(32))["image"]
@@ -85,8 +94,9 @@ def test_robustness_command(digits_ckpt, tmp_path, capsys):
     assert set(shifts) == set(robustness.default_shifts())
     assert shifts["rotate_30"]["accuracy"] < shifts["identity"]["accuracy"]
     cal = res["calibration"]
-    assert cal["temperature"] > 0 and cal["nll_scaled"] <= cal["nll"] + 1e-9
-    assert "temperature T=" in capsys.readouterr().out
+    assert cal["fit_examples"] + cal["report_examples"] == res["val_examples"] == 360
+    assert cal["temperature"] > 0
+    assert "reported on the other 180" in capsys.readouterr().out
 
 
 def test_robustness_needs_a_classifier(tmp_path, random_params):
