@@ -140,3 +140,49 @@ def test_plan_handles_the_imported_model(imported, capsys):
     assert plan["mesh"] == "4x2" and plan["config"]["width"] == 64 and plan["config"]["depth"] == 2
     assert plan["memory_bytes"]["params"] > 0
     assert main(["plan", "22B/14", "--checkpoint", str(imported)]) == 2  # one or the other
+
+
+def test_initial_params_are_the_imported_weights_in_their_shards(imported):
+    """`train --init`: the file's weights, posemb resampled to a new grid, a new zero head for new
+    classes, each kernel built directly in its shards of a 4x2 mesh."""
+    from vit22b.posemb import resample_posemb
+    from vit22b.train import initial_params, state_shardings
+    from vit22b.weights import read_config, read_weights
+
+    cfg = read_config(imported).replace(image_size=48, num_classes=3, dtype_mm="float32")  # grid 4 -> 6
+    tcfg = TrainConfig(model=cfg, mesh="4x2", steps=2)
+    _, _, shardings = state_shardings(tcfg, make_mesh("4x2"))
+    params = flatten(initial_params(str(imported), cfg, shardings["params"]))
+    flat, _ = read_weights(imported)
+    assert set(params) == set(flat)
+    for name, value in params.items():
+        if name == "pos_embedding":
+            np.testing.assert_allclose(value, resample_posemb(flat[name], 6), rtol=1e-6, atol=1e-7)
+        elif name in ("head_kernel", "head_bias"):
+            assert value.shape[-1] == 3 and not np.any(np.asarray(value))
+        else:
+            np.testing.assert_array_equal(value, flat[name], err_msg=name)
+    assert params["encoder/qkv_kernel"].sharding.spec == P(None, None, "model", None)
+
+
+@pytest.mark.slow
+def test_train_from_an_imported_model_on_a_mesh_equals_one_device(imported, rgb_folder, tmp_path, capsys):
+    """`vit22b train --init` on a 4x2 mesh (kernels split over the model axis) ends with the same
+    weights as on the 8-way data-parallel mesh, and it started from the imported weights."""
+    from safetensors.numpy import load_file
+
+    common = ["train", "--init", str(imported), "--data", str(rgb_folder), "--image-size", "32",
+              "--steps", "2", "--batch-size", "8", "--loss", "softmax", "--optimizer", "adamw",
+              "--lr", "1e-3", "--dtype-mm", "float32", "--data-workers", "0", "--no-progress"]
+    assert main([*common, "--mesh", "4x2", "--workdir", str(tmp_path / "4x2")]) == 0
+    assert "a new zero head for 3 classes" in capsys.readouterr().out
+    assert main([*common, "--mesh", "-1x1", "--workdir", str(tmp_path / "8x1")]) == 0
+    a, b = (load_file(str(tmp_path / w / "model.safetensors")) for w in ("4x2", "8x1"))
+    start = load_file(str(imported / "model.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    moved = np.abs(a["encoder/qkv_kernel"] - start["encoder/qkv_kernel"]).max()
+    assert 0 < moved < 0.01, moved  # two AdamW steps of lr <= 1e-3 from the imported kernel
+    capsys.readouterr()
+    assert main([*common, "--preset", "S/16", "--workdir", str(tmp_path / "x")]) == 2
+    assert "drop --preset" in capsys.readouterr().err and not (tmp_path / "x").exists()

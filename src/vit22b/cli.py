@@ -81,6 +81,10 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--no-augment", action="store_true")
     p.add_argument("--workdir", default=None, help="default workdirs/<data name>")
+    p.add_argument("--init", default=None, metavar="MODEL_DIR",
+                   help="start from these weights (a model dir from train/finetune/import, or a "
+                   ".safetensors): its config is the model's, model flags on top; posemb resampled to "
+                   "--image-size, a new zero head when the classes differ")
     p.add_argument("--data-workers", type=int, default=None, help="processes decoding streamed images "
                    "(folders, prepare-data dirs; default: cores - 1, at most 8; 0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
@@ -133,8 +137,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, _given(args.image_size, recipe.image_size), val_path=args.val_data,
                            val_fraction=val_fraction, seed=args.seed, holdout=args.holdout)
     loss = _given(args.loss, recipe.loss)
-    model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, args.preset,
-                                 **_model_overrides(args))
+    if args.init:
+        if args.preset:
+            raise ConfigError("--init takes the model from the checkpoint: drop --preset (model "
+                              "flags such as --remat still apply on top)")
+        from vit22b.weights import read_config
+
+        init_cfg = read_config(args.init)
+        if init_cfg is None:
+            raise ConfigError(f"{args.init} carries no vit22b config: import it first (`vit22b import`)")
+        model_cfg = init_cfg.replace(image_size=dataset.image_size, in_channels=dataset.in_channels,
+                                     num_classes=dataset.num_classes, **_model_overrides(args))
+    else:
+        model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, args.preset,
+                                     **_model_overrides(args))
     steps = _given(args.steps, recipe.steps)
     flags = {"optimizer": args.optimizer, "learning_rate": args.lr, "schedule": args.schedule,
              "warmup_steps": args.warmup, "cooldown_steps": args.cooldown, "timescale": args.timescale,
@@ -149,8 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       augment=not args.no_augment, data_workers=args.data_workers, seed=args.seed,
                       log_every=args.log_every, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                      progress=not args.no_progress)
-    print(f"training {args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
+                      progress=not args.no_progress, init_from=args.init)
+    print(f"training {args.init or args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
           f"{dataset.num_classes} classes -> {cfg.workdir}")

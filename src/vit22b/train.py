@@ -75,6 +75,11 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     progress: bool = True
+    # A model dir or .safetensors whose weights start the run (fine-tuning, or training an imported
+    # model on a mesh): the learned posemb is resampled to the model's grid, and the classifier is
+    # kept when its shape matches, else a new zero head. The checkpoints of the work dir still win
+    # on resume.
+    init_from: str | None = None
 
     @property
     def eval_interval(self) -> int:
@@ -135,8 +140,41 @@ def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = F
 
     with jax.set_mesh(mesh):
         init_fn = jax.jit(init, out_shardings=shardings)
-        state = jax.eval_shape(init_fn) if abstract else init_fn()
+        if abstract:
+            state = jax.eval_shape(init_fn)
+        elif cfg.init_from:
+            params = initial_params(cfg.init_from, cfg.model, shardings["params"])
+            opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+            state = {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+                     "params": params, "opt_state": opt_state}
+        else:
+            state = init_fn()
     return graphdef, tx, state, shardings
+
+
+HEAD = ("head_kernel", "head_bias")
+
+
+def initial_params(location: str, model: ModelConfig, shardings: Any) -> Any:
+    """The weights at `location` fitted to `model` (posemb resampled, channels adapted, a new zero
+    head when the classes differ) and placed in their shards: each process builds only the slices
+    its devices hold, from the full host copy every process reads."""
+    from vit22b.weights import fit_weights, flatten, read_weights, unflatten
+
+    flat, _ = read_weights(location)
+    _, expected = split_params(abstract_model(model))
+    want = flatten(expected)
+    new_head = [k for k in HEAD if k in want and (k not in flat or flat[k].shape != want[k].shape)]
+    flat = {k: v for k, v in flat.items() if k not in HEAD or k in want}  # a headless model drops it
+    fitted = flatten(fit_weights(flat, expected, skip=tuple(new_head)))
+    for k in new_head:  # as a fresh model: zero kernel, bias at head_bias_init (model.py)
+        fill = model.head_bias_init if k == "head_bias" else 0.0
+        fitted[k] = np.full(want[k].shape, fill, np.float32)
+    if new_head:
+        print(f"init from {location}: a new zero head for {model.num_classes} classes")
+    shard = flatten(shardings)
+    return unflatten({k: jax.make_array_from_callback(v.shape, shard[k], lambda idx, v=v: v[idx])
+                      for k, v in fitted.items()})
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig,

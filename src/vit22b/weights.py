@@ -123,6 +123,20 @@ def read_weights(location: str | Path) -> tuple[dict[str, np.ndarray], ModelConf
     return flat, ModelConfig.from_json(cfg_text) if cfg_text else None
 
 
+def read_config(location: str | Path) -> ModelConfig | None:
+    """The config stored beside or inside the weights, reading the file's header only (a 22B
+    checkpoint is ~89 GB); None if there is none."""
+    path = weights_path(location)
+    try:
+        with safe_open(str(path), "np") as f:
+            cfg_text = (f.metadata() or {}).get("vit22b_config")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from e
+    if cfg_text is None and (path.parent / CONFIG_FILE).exists():  # the same order as read_weights
+        cfg_text = (path.parent / CONFIG_FILE).read_text()
+    return ModelConfig.from_json(cfg_text) if cfg_text else None
+
+
 def adapt_input_channels(kernel: np.ndarray, channels: int) -> np.ndarray:
     """A patch kernel [p, p, C, D] for `channels` input channels, as timm's `adapt_input_conv`:
     RGB -> 1 sums the kernel over channels (exactly the RGB model on a gray image replicated to
