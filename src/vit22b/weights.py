@@ -174,11 +174,11 @@ def fit_weights(flat: dict[str, np.ndarray], expected: Params, *,
         value = np.asarray(flat[name], np.float32)
         if name == "pos_embedding" and value.shape != tuple(target.shape):
             value = resample_posemb(value, int(round(np.sqrt(target.shape[1]))), resample)
-        # The first layer that sees pixels: the conv stem's kernel when there is one.
-        other_channels_only = (value.ndim == 4 and value.shape[2] != target.shape[2]
-                               and value.shape[:2] + value.shape[3:] == tuple(target.shape[:2]) + (
-                                   target.shape[3],))
-        if name in ("patch_kernel", "stem_conv_kernel") and other_channels_only:
+        # The first layer that sees pixels (the conv stem's kernel when there is one), when only
+        # its channel axis differs: [h, w, C, out] -> [h, w, C', out].
+        if (name in ("patch_kernel", "stem_conv_kernel") and value.ndim == len(target.shape) == 4
+                and value.shape[2] != target.shape[2]
+                and (*value.shape[:2], value.shape[3]) == (*target.shape[:2], target.shape[3])):
             value = adapt_input_channels(value, int(target.shape[2]))
         if value.shape != tuple(target.shape):
             raise WeightsError(
