@@ -108,9 +108,9 @@ def rows(up: str, rnd: str, s: str) -> list[dict[str, Any]]:
 def random_init_backbone(upstream: Path, out: Path) -> None:
     """The upstream's architecture with fresh random weights: what pretraining is measured against."""
     from vit22b.model import init_model, split_params
-    from vit22b.weights import read_weights, save_model
+    from vit22b.weights import read_config, save_model
 
-    _, cfg = read_weights(upstream)
+    cfg = read_config(upstream)  # the header only: the upstream's weights are not needed here
     _, params = split_params(init_model(cfg, seed=0))
     save_model(out, params, cfg)
 
