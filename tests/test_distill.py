@@ -13,12 +13,9 @@ import pytest
 
 from vit22b.config import preset
 from vit22b.data import Split, load_digits_dataset
-from vit22b.model import init_model, split_params
-from vit22b.optim import make_optimizer
 from vit22b.tasks import distill as ds
-from vit22b.tasks.finetune import FinetuneError, fit, softmax_loss, transfer_optim
-from vit22b.train import evaluate, make_predict
-from vit22b.weights import save_model
+from vit22b.tasks.finetune import transfer_optim
+from vit22b.train import TrainConfig, TrainingError, kl_distill_loss, train
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -32,21 +29,21 @@ def test_kl_value_and_gradient(t):
     s, te = rng.normal(size=(2, 4, 7)).astype(np.float32) * 3
     p, q = _softmax(te / t), _softmax(s / t)
     want = t**2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
-    np.testing.assert_allclose(ds.kl_distill_loss(s, te, t), want, rtol=1e-5)
+    np.testing.assert_allclose(kl_distill_loss(s, te, t), want, rtol=1e-5)
     # d/ds [t^2 KL] = t (softmax(s/t) - softmax(te/t)) / batch: the student moves towards the
     # teacher, with the t^2 factor keeping the gradient scale comparable across temperatures
-    g_s, g_t = jax.grad(ds.kl_distill_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(te), t)
+    g_s, g_t = jax.grad(kl_distill_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(te), t)
     np.testing.assert_allclose(g_s, t * (q - p) / 4, atol=1e-6)
     assert not np.any(g_t)  # the teacher gets no gradient
     stepped = s - 0.5 * np.asarray(g_s)
-    assert ds.kl_distill_loss(stepped, te, t) < ds.kl_distill_loss(s, te, t)
+    assert kl_distill_loss(stepped, te, t) < kl_distill_loss(s, te, t)
 
 
 def test_kl_is_zero_only_at_the_teacher():
     te = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
-    assert abs(float(ds.kl_distill_loss(te, te, 2.0))) < 1e-6
-    assert abs(float(ds.kl_distill_loss(te + 7.0, te, 2.0))) < 1e-6  # softmax is shift-invariant
-    assert float(ds.kl_distill_loss(te[::-1], te, 2.0)) > 1e-3
+    assert abs(float(kl_distill_loss(te, te, 2.0))) < 1e-6
+    assert abs(float(kl_distill_loss(te + 7.0, te, 2.0))) < 1e-6  # softmax is shift-invariant
+    assert float(kl_distill_loss(te[::-1], te, 2.0)) > 1e-3
 
 
 TEACHER_STEPS = 300
@@ -59,20 +56,22 @@ def digits16():
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, digits16):
-    """nano/4 at 16 px trained 300 steps on digits (~93% val), in this module only."""
+    """nano/4 at 16 px trained 300 steps on digits by `train`, in this module only:
+    (model dir, its val accuracy)."""
     cfg = preset("nano/4", image_size=16, in_channels=1, num_classes=10, dtype_mm="float32")
-    graphdef, params = split_params(init_model(cfg, seed=0))
-    tx = make_optimizer(transfer_optim("adamw", 3e-3, warmup=15), params, TEACHER_STEPS)
-    params = fit(graphdef, params, softmax_loss(graphdef), tx,
-                 digits16.train_batches(64, seed=7), TEACHER_STEPS, progress=False)
     path = tmp_path_factory.mktemp("teacher")
-    save_model(path, params, cfg)
-    return path, evaluate(make_predict(graphdef), params, digits16, 120)
+    r = train(TrainConfig(model=cfg, optim=transfer_optim("adamw", 3e-3, warmup=15), workdir=str(path),
+                          steps=TEACHER_STEPS, batch_size=64, loss="softmax", seed=7, eval_every=0,
+                          progress=False, mesh="1x1"), digits16)
+    return path, r["eval_accuracy"]
 
 
-def test_teacher_must_fit_the_data(teacher):
-    with pytest.raises(FinetuneError, match="does not fit the data"):
-        ds.distill(teacher[0], "mu/4", load_digits_dataset(8), None, steps=1, progress=False)
+def test_teacher_must_fit_the_data(teacher, digits16):
+    """Distillation matches the teacher's logits class by class: other classes are refused before
+    the work dir is written. (Another resolution is fine: the teacher sees the batch resized.)"""
+    five = dataclasses.replace(digits16, class_names=digits16.class_names[:5])
+    with pytest.raises(TrainingError, match=r"\(10 classes, 1 channels\) does not fit the data \(5"):
+        ds.distill(teacher[0], "mu/4", five, None, steps=1, progress=False, mesh="1x1")
 
 
 def few_shot(dataset, per_class: int):
@@ -98,7 +97,7 @@ def test_distilled_student_beats_label_training(teacher, digits16):
         for label_weight in (0.0, 1.0):
             r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32,
                            label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
-                           seed=seed, augment=False, progress=False, teacher_accuracy=teacher_acc,
+                           seed=seed, augment=False, progress=False, mesh="1x1",
                            student_overrides={"dtype_mm": "float32"})
             acc[label_weight] = r["student_val_accuracy"]
         gaps.append(acc[0.0] - acc[1.0])
@@ -113,7 +112,7 @@ def test_cli_subcommand(teacher, tmp_path, capsys):
     args = parser.parse_args(["distill", "--teacher", str(teacher[0]), "--student-preset", "mu/4",
                               "--data", "digits", "--workdir", str(out), "--steps", "3",
                               "--batch-size", "16", "--temperature", "2", "--label-weight", "0.5",
-                              "--no-progress"])
+                              "--mesh", "1x1", "--no-progress"])
     assert args.func(args) == 0
     assert "student val accuracy" in capsys.readouterr().out
     result = json.loads((out / "distill.json").read_text())

@@ -12,10 +12,9 @@ from safetensors.numpy import load_file
 
 from vit22b.config import preset
 from vit22b.data import ImageDataset, Split, load_digits_dataset
-from vit22b.model import init_model, split_params
-from vit22b.optim import make_optimizer
 from vit22b.posemb import resample_posemb
 from vit22b.tasks import finetune as ft
+from vit22b.train import TrainConfig, init_state, train
 from vit22b.weights import flatten, save_model
 
 KEEP = (0, 1, 2, 3, 4)
@@ -33,14 +32,13 @@ def subset(ds: ImageDataset, keep: tuple[int, ...]) -> ImageDataset:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """mu/2 trained 300 steps on all ten digit classes at 8 px (a 4x4 grid); ~77% val."""
+    """mu/2 trained 300 steps on all ten digit classes at 8 px (a 4x4 grid) by `train`."""
     cfg = preset("mu/2", image_size=8, in_channels=1, num_classes=10, dtype_mm="float32")
-    graphdef, params = split_params(init_model(cfg, seed=0))
-    tx = make_optimizer(ft.transfer_optim("adamw", 3e-3, warmup=10), params, 300)
-    params = ft.fit(graphdef, params, ft.softmax_loss(graphdef), tx,
-                    load_digits_dataset(8).train_batches(64, seed=1), 300, progress=False)
     path = tmp_path_factory.mktemp("pre8")
-    save_model(path, params, cfg)
+    train(TrainConfig(model=cfg, optim=ft.transfer_optim("adamw", 3e-3, warmup=10), workdir=str(path),
+                      steps=300, batch_size=64, loss="softmax", seed=1, eval_every=0, progress=False,
+                      mesh="1x1"),
+          load_digits_dataset(8))
     return path
 
 
@@ -50,7 +48,7 @@ def digits16_04():
 
 
 def test_finetune_beats_scratch_and_writes_results(pretrained, digits16_04, tmp_path):
-    kw = dict(steps=80, batch_size=32, optim=ft.transfer_optim(lr=0.03, warmup=2), progress=False)
+    kw = dict(steps=80, batch_size=32, optim=ft.transfer_optim(lr=0.03, warmup=2), progress=False, mesh="1x1")
     tuned = ft.finetune(pretrained, digits16_04, tmp_path, **kw)
     scratch = ft.finetune(pretrained, digits16_04, None, scratch=True, **kw)
     # measured: 0.944 fine-tuned vs 0.606 from scratch (chance 0.2)
@@ -67,10 +65,14 @@ def test_finetune_beats_scratch_and_writes_results(pretrained, digits16_04, tmp_
 
 
 def test_head_starts_at_zero_and_posemb_is_resampled(pretrained, digits16_04):
+    """The state a fine-tuning run starts from: the checkpoint's body, posemb resampled in 2-D to
+    the new grid, a new all-zero head for the 5 classes."""
     source_flat = load_file(pretrained / "model.safetensors")
-    source, cfg, _, params = ft.load_pretrained(pretrained, digits16_04)
+    source = ft.source_config(pretrained)
+    cfg = ft.finetune_model_config(source, digits16_04)
     assert (source.image_size, cfg.image_size, cfg.num_classes) == (8, 16, 5)
-    flat = flatten(params)
+    _, _, state, _ = init_state(TrainConfig(model=cfg, init_from=str(pretrained), mesh="4x2"))
+    flat = {k: np.asarray(v) for k, v in flatten(state["params"]).items()}
     assert flat["head_kernel"].shape == (32, 5) and not flat["head_kernel"].any()
     assert flat["head_bias"].shape == (5,) and not flat["head_bias"].any()
     old, new = source_flat["pos_embedding"], flat["pos_embedding"]
@@ -87,7 +89,7 @@ def test_in_channel_mismatch_is_a_clear_error(tmp_path, digits16_04, random_para
     cfg = preset("mu/4", image_size=8, in_channels=3, num_classes=10)
     save_model(tmp_path, random_params(cfg), cfg)
     with pytest.raises(ft.FinetuneError, match="3-channel images but .* 1-channel"):
-        ft.finetune(tmp_path, digits16_04, None, steps=1, progress=False)
+        ft.finetune(tmp_path, digits16_04, None, steps=1, progress=False, mesh="1x1")
 
 
 def test_cli_subcommand(pretrained, tmp_path, capsys):
@@ -96,7 +98,7 @@ def test_cli_subcommand(pretrained, tmp_path, capsys):
     out = tmp_path / "out"
     args = parser.parse_args(["finetune", "--checkpoint", str(pretrained), "--data", "digits",
                               "--image-size", "16", "--workdir", str(out), "--steps", "4",
-                              "--batch-size", "16", "--no-progress"])
+                              "--batch-size", "16", "--mesh", "1x1", "--no-progress"])
     assert args.func(args) == 0
     assert "val accuracy" in capsys.readouterr().out
     result = json.loads((out / "finetune.json").read_text())

@@ -45,6 +45,11 @@ def test_parse_mesh():
             parse_mesh(bad, 8)
 
 
+def test_mesh_1x1_is_the_first_device_alone():
+    mesh = make_mesh("1x1")
+    assert mesh.devices.tolist() == [[jax.devices()[0]]] and len(jax.devices()) == 8
+
+
 def test_mesh_axes_are_auto_on_purpose():
     mesh = make_mesh("4x2")
     assert mesh.axis_names == ("data", "model") and dict(mesh.shape) == {"data": 4, "model": 2}

@@ -95,6 +95,18 @@ def test_refused_resume_writes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_execution_settings_may_change_on_resume(tmp_path):
+    """remat, scan, dtypes and collective matmul leave every parameter as it was: a resume with
+    other values is allowed; an architecture field beside them is still refused, by name."""
+    cfg = preset("mu/4", image_size=8, in_channels=1, num_classes=10)
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    run_it_otherwise = cfg.replace(remat="dots_saveable", scan=False, collective_matmul=True,
+                                   dtype_mm="float32", dtype_act="bfloat16", attention="blockwise")
+    check_resumable(tmp_path, run_it_otherwise, {"optimizer": "adafactor"})
+    with pytest.raises(WorkdirError, match=r"another model config \(was -> now: \{'qk_norm'"):
+        check_resumable(tmp_path, run_it_otherwise.replace(qk_norm=False), {"optimizer": "adafactor"})
+
+
 # --- checkpoint fallback ---------------------------------------------------------------------
 
 

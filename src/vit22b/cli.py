@@ -13,37 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vit22b.cli_args import OneLineParser, check_train_args, join_negative_values
-from vit22b.config import ConfigError, ModelConfig, preset
+from vit22b.cli_args import (
+    OneLineParser,
+    add_model_flags,
+    add_run_flags,
+    check_train_args,
+    init_distributed,
+    join_negative_values,
+    model_overrides,
+    run_fields,
+)
+from vit22b.config import ConfigError, preset
 from vit22b.convert_cli import add_parsers as add_convert_parsers
 from vit22b.plan import add_plan_parser
 from vit22b.recipes import RECIPES
-
-# Model fields the data decide; not flags.
-_DATA_FIELDS = {"num_classes", "in_channels", "image_size"}
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model switches (defaults: the paper's choices, or the preset's)")
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in _DATA_FIELDS:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool, "bool | None"):
-            g.add_argument(flag, dest=f"model_{f.name}", action=argparse.BooleanOptionalAction,
-                           default=None, help=f"default {f.default}")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            g.add_argument(flag, dest=f"model_{f.name}", type=kind, default=None,
-                           help=f"default {f.default}")
-
-
-def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {k[len("model_"):]: v for k, v in vars(args).items()
-           if k.startswith("model_") and v is not None}
-    if out.get("qk_norm_type") in ("none", "same"):
-        out["qk_norm_type"] = None
-    return out
 
 
 def _train_parser(sub: Any) -> None:
@@ -65,7 +48,6 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--steps", type=int, default=None, help="default 1500 on digits, "
                    f"{RECIPES['fashion-mnist'].steps} on fashion-mnist, 10000 else")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
-    g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--loss", choices=["sigmoid", "softmax"], default=None, help="default sigmoid (paper)")
     g.add_argument("--label-smoothing", type=float, default=None)
     g.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default=None,
@@ -85,39 +67,9 @@ def _train_parser(sub: Any) -> None:
                    help="start from these weights (a model dir from train/finetune/import, or a "
                    ".safetensors): its config is the model's, model flags on top; posemb resampled to "
                    "--image-size, a new zero head when the classes differ")
-    p.add_argument("--data-workers", type=int, default=None, help="processes decoding streamed images "
-                   "(folders, prepare-data dirs; default: cores - 1, at most 8; 0: in the training process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=None, help="default: every 10%% of the steps; "
-                   "0: only at the end")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("scale-out (see README: multi-host)")
-    g.add_argument("--mesh", default="-1x1", help="DATAxMODEL device mesh over all processes' "
-                   "devices, -1 fills (e.g. 4x2, -1x8)")
-    g.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with "
-                   "auto-detection (SLURM, TPU pods, Open MPI)")
-    g.add_argument("--coordinator", default=None, help="host:port of process 0")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
-    _add_model_flags(p)
+    add_run_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_train)
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """JAX's own multi-process runtime; nothing happens for a single process."""
-    import jax
-
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ConfigError("--coordinator, --num-processes and --process-id go together")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -147,10 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if init_cfg is None:
             raise ConfigError(f"{args.init} carries no vit22b config: import it first (`vit22b import`)")
         model_cfg = init_cfg.replace(image_size=dataset.image_size, in_channels=dataset.in_channels,
-                                     num_classes=dataset.num_classes, **_model_overrides(args))
+                                     num_classes=dataset.num_classes, **model_overrides(args))
     else:
         model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, args.preset,
-                                     **_model_overrides(args))
+                                     **model_overrides(args))
     steps = _given(args.steps, recipe.steps)
     flags = {"optimizer": args.optimizer, "learning_rate": args.lr, "schedule": args.schedule,
              "warmup_steps": args.warmup, "cooldown_steps": args.cooldown, "timescale": args.timescale,
@@ -160,12 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
                       data=args.data, val_data=args.val_data, val_fraction=val_fraction,
                       holdout=args.holdout, batch_size=_given(args.batch_size, recipe.batch_size),
-                      mesh=args.mesh, steps=steps, grad_accum=args.grad_accum, loss=loss,
+                      steps=steps, loss=loss, init_from=args.init,
                       label_smoothing=_given(args.label_smoothing, recipe.label_smoothing),
-                      augment=not args.no_augment, data_workers=args.data_workers, seed=args.seed,
-                      log_every=args.log_every, eval_every=args.eval_every,
-                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                      progress=not args.no_progress, init_from=args.init)
+                      augment=not args.no_augment, **run_fields(args))
     print(f"training {args.init or args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
@@ -199,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"num_classes": args.num_classes}
     if args.image_size is not None:
         fields["image_size"] = args.image_size
-    cfg = preset(args.preset, **fields, **_model_overrides(args))
+    cfg = preset(args.preset, **fields, **model_overrides(args))
     _, params = split_params(abstract_model(cfg))
     sizes = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
     kernels = ("encoder/in_kernel", "encoder/out_kernel", "encoder/qkv_kernel",
@@ -289,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--json", action="store_true")
-    _add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="loss/accuracy curves of a work dir, to PNG")

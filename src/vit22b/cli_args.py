@@ -8,13 +8,14 @@ set is read or a work dir is touched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vit22b.config import ConfigError
+from vit22b.config import ConfigError, ModelConfig
 
 # "-1x8", "-1X2", "4x-1": mesh-like values that argparse would take for an option.
 _NEGATIVE_VALUE = re.compile(r"^-\d+[xX]-?\d+$")
@@ -118,3 +119,86 @@ def check_train_args(args: argparse.Namespace) -> None:
             args.process_id >= args.num_processes:
         raise ConfigError(f"--process-id {args.process_id} with --num-processes {args.num_processes}: "
                           "process ids run from 0 to num_processes - 1")
+
+
+# Model fields the data decide; not flags.
+_PRESET_FIELDS = {"width", "depth", "mlp_dim", "num_heads", "patch_size"}
+_DATA_FIELDS = {"num_classes", "in_channels", "image_size"}
+
+
+def add_model_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per ModelConfig field (the data decide classes, channels and size). The help shows
+    what a run gets without the flag: the preset's size fields, else the field's default (the
+    paper's choice; a data set's recipe or an --init checkpoint may set others). `only`: just
+    these fields (fine-tuning changes how a checkpoint runs, not what it is)."""
+    g = p.add_argument_group("model switches (defaults: the paper's choices, or the preset's)")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in _DATA_FIELDS or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = "the preset's (or the checkpoint's)" if f.name in _PRESET_FIELDS else f.default
+        if f.type in ("bool", bool, "bool | None"):
+            g.add_argument(flag, dest=f"model_{f.name}", action=argparse.BooleanOptionalAction,
+                           default=None, help=f"default {default}")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            g.add_argument(flag, dest=f"model_{f.name}", type=kind, default=None,
+                           help=f"default {default}")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k[len("model_"):]: v for k, v in vars(args).items()
+           if k.startswith("model_") and v is not None}
+    if out.get("qk_norm_type") in ("none", "same"):
+        out["qk_norm_type"] = None
+    return out
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """How a training run executes, the same for train, finetune and distill: checkpoints,
+    evaluation, logging, the device mesh and the processes."""
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--data-workers", type=int, default=None, help="processes decoding streamed images "
+                   "(folders, prepare-data dirs; default: cores - 1, at most 8; 0: in the training process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=None, help="default: every 10%% of the steps; "
+                   "0: only at the end")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("scale-out (see README: multi-host)")
+    g.add_argument("--mesh", default="-1x1", help="DATAxMODEL device mesh over all processes' "
+                   "devices, -1 fills (e.g. 4x2, -1x8)")
+    g.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with "
+                   "auto-detection (SLURM, TPU pods, Open MPI)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields that `add_run_flags` set."""
+    return dict(mesh=args.mesh, grad_accum=args.grad_accum, data_workers=args.data_workers,
+                seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
+                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                progress=not args.no_progress)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """JAX's own multi-process runtime; nothing happens for a single process."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ConfigError("--coordinator, --num-processes and --process-id go together")
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def _given(value: Any, default: Any) -> Any:
+    """The flag's value if given (0 included: it must reach validation), else the default."""
+    return default if value is None else value

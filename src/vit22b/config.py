@@ -40,6 +40,12 @@ Posemb = Literal["learn", "sincos2d"]
 Act = Literal["gelu", "quick_gelu"]
 
 
+# How a model runs, not what it is: every parameter's shape is the same whatever these say, so a
+# work dir may resume with another remat policy or with collective matmul on (workdir.py).
+EXECUTION_FIELDS = ("dtype_mm", "dtype_act", "attention", "attention_block", "scan", "remat",
+                    "collective_matmul")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the cause and the fix."""
 

@@ -38,7 +38,7 @@ from vit22b.layers import (
     xavier_uniform,
 )
 from vit22b.parallel_linear import fused_in_projection, fused_out_projection
-from vit22b.sharding import constrain
+from vit22b.sharding import MODEL, constrain
 
 Params = dict[str, jax.Array]
 
@@ -142,7 +142,7 @@ class Encoder(nnx.Module):
 
 def _model_axis_size() -> int:
     mesh = jax.sharding.get_abstract_mesh()
-    return 0 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
+    return 0 if mesh.empty or MODEL not in mesh.axis_names else mesh.shape[MODEL]
 
 
 def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig,

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vit22b.sharding import DATA, MODEL
+
 AnyMesh = Mesh | AbstractMesh
 
 
@@ -47,7 +49,7 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...a,ab->...b", x, w, preferred_element_type=jnp.float32)
 
 
-def allgather_matmul(x: jax.Array, w: jax.Array, *, axis_name: str = "model",
+def allgather_matmul(x: jax.Array, w: jax.Array, *, axis_name: str = MODEL,
                      dtype_mm: jnp.dtype | str | None = None) -> jax.Array:
     """Per-device block of all_gather(x, features) @ w, computed chunk by chunk around the ring.
 
@@ -72,7 +74,7 @@ def allgather_matmul(x: jax.Array, w: jax.Array, *, axis_name: str = "model",
     return acc
 
 
-def matmul_reducescatter(z: jax.Array, w: jax.Array, *, axis_name: str = "model",
+def matmul_reducescatter(z: jax.Array, w: jax.Array, *, axis_name: str = MODEL,
                          dtype_mm: jnp.dtype | str | None = None) -> jax.Array:
     """Per-device block i of psum(z @ w) over D, with partial sums travelling around the ring.
 
@@ -131,8 +133,8 @@ def _axes(mesh: AnyMesh, fn: str, axis_name: str, batch_axis: str | None) -> str
 
 
 def collective_matmul_in(x: jax.Array, w: jax.Array, mesh: AnyMesh | None = None,
-                         dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = "model",
-                         batch_axis: str | None = "data") -> jax.Array:
+                         dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = MODEL,
+                         batch_axis: str | None = DATA) -> jax.Array:
     """x [B, ..., D] @ w [D, F] -> [B, ..., F] float32 via `allgather_matmul`.
 
     Shardings: x P(batch_axis, None.., axis_name), w P(None, axis_name), output
@@ -149,8 +151,8 @@ def collective_matmul_in(x: jax.Array, w: jax.Array, mesh: AnyMesh | None = None
 
 
 def collective_matmul_out(z: jax.Array, w: jax.Array, mesh: AnyMesh | None = None,
-                          dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = "model",
-                          batch_axis: str | None = "data") -> jax.Array:
+                          dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = MODEL,
+                          batch_axis: str | None = DATA) -> jax.Array:
     """z [B, ..., F] @ w [F, D] -> [B, ..., D] float32 via `matmul_reducescatter`.
 
     Shardings: z P(batch_axis, None.., axis_name), w P(axis_name, None), output
@@ -168,8 +170,8 @@ def collective_matmul_out(z: jax.Array, w: jax.Array, mesh: AnyMesh | None = Non
 
 
 def fused_in_projection(h: jax.Array, in_kernel: jax.Array, mesh: AnyMesh | None = None,
-                        dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = "model",
-                        batch_axis: str | None = "data") -> jax.Array:
+                        dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = MODEL,
+                        batch_axis: str | None = DATA) -> jax.Array:
     """einsum("bnd,dhf->bnhf", h, in_kernel) for the encoder's fused per-head layout.
 
     h [B, N, D] P(batch_axis, None, axis_name); in_kernel [D, H, F] P(None, axis_name, None);
@@ -192,8 +194,8 @@ def fused_in_projection(h: jax.Array, in_kernel: jax.Array, mesh: AnyMesh | None
 
 
 def fused_out_projection(z: jax.Array, out_kernel: jax.Array, mesh: AnyMesh | None = None,
-                         dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = "model",
-                         batch_axis: str | None = "data") -> jax.Array:
+                         dtype_mm: jnp.dtype | str | None = None, *, axis_name: str = MODEL,
+                         batch_axis: str | None = DATA) -> jax.Array:
     """einsum("bnhf,hfd->bnd", z, out_kernel) for the encoder's fused per-head layout.
 
     z [B, N, H, F] P(batch_axis, None, axis_name, None); out_kernel [H, F, D] P(axis_name, None,

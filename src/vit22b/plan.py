@@ -55,6 +55,7 @@ from jax.sharding import AbstractMesh
 
 from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.flops import flops_per_image
+from vit22b.sharding import DATA, MODEL
 
 GiB = 2**30
 REMATS = ("nothing_saveable", "dots_saveable", "none")
@@ -104,7 +105,7 @@ def _state_layout(cfg: ModelConfig, optimizer: str, data: int, model: int) -> di
     from vit22b.optim import OptimConfig
     from vit22b.train import TrainConfig, state_shardings
 
-    mesh = AbstractMesh((data, model), ("data", "model"))
+    mesh = AbstractMesh((data, model), (DATA, MODEL))
     tcfg = TrainConfig(model=cfg, optim=OptimConfig(optimizer=optimizer))  # type: ignore[arg-type]
     _, tx, shard = state_shardings(tcfg, mesh)
     _, params = split_params(abstract_model(cfg))
@@ -117,7 +118,7 @@ def _state_layout(cfg: ModelConfig, optimizer: str, data: int, model: int) -> di
     for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                 jax.tree.leaves(shard["params"]), strict=True):
         records.append({"name": jax.tree_util.keystr(path), "bytes": nbytes(leaf, sh),
-                        "over_data": "data" in sh.spec, "encoder": "encoder" in str(path[0])})
+                        "over_data": DATA in sh.spec, "encoder": "encoder" in str(path[0])})
     opt_bytes = sum(nbytes(a, s) for a, s in zip(jax.tree.leaves(opt),
                                                  jax.tree.leaves(shard["opt_state"]), strict=True))
     return {"params": sum(r["bytes"] for r in records), "opt_state": opt_bytes, "records": records}
@@ -238,10 +239,10 @@ def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
     per_layer = full * s * (4 + {"nothing_saveable": 2, "dots_saveable": 1}.get(remat, 0))
     d_bw, d_where = _bandwidth(hw, data, model)
     m_bw, m_where = _bandwidth(hw, model, 1)
-    rows = [("fsdp_all_gather", "data", fsdp * grad_accum, d_bw, d_where),
-            ("grad_reduce_scatter", "data", reduce_scatter * grad_accum, d_bw, d_where),
-            ("grad_all_reduce", "data", all_reduce * grad_accum, d_bw, d_where),
-            ("model_activation_ag_rs", "model", per_layer * cfg.depth * grad_accum, m_bw, m_where)]
+    rows = [("fsdp_all_gather", DATA, fsdp * grad_accum, d_bw, d_where),
+            ("grad_reduce_scatter", DATA, reduce_scatter * grad_accum, d_bw, d_where),
+            ("grad_all_reduce", DATA, all_reduce * grad_accum, d_bw, d_where),
+            ("model_activation_ag_rs", MODEL, per_layer * cfg.depth * grad_accum, m_bw, m_where)]
     return [{"name": n, "axis": a, "bytes": float(by), "bandwidth": bw, "link": w,
              "seconds": by / bw} for n, a, by, bw, w in rows if by > 0]
 

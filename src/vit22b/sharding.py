@@ -75,8 +75,16 @@ def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(spec: str = "-1x1", devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, model) mesh over all devices of all processes (or the given ones)."""
+    """A (data, model) mesh over all devices of all processes (or the given ones); "1x1": the
+    first device alone."""
     devices = list(devices) if devices is not None else jax.devices()
+    if spec == "1x1" and len(devices) > 1:
+        # One device of several (a debug run, or a small model on a big host). Every process must
+        # own a device of the mesh, so a multi-process run has to use them all.
+        if jax.process_count() > 1:
+            raise ConfigError(f"--mesh 1x1 leaves the devices of {jax.process_count() - 1} processes "
+                              f"out: use every device (e.g. --mesh -1x1)")
+        devices = devices[:1]
     shape = parse_mesh(spec, len(devices))
     return jax.make_mesh(shape, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices)
 

@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from vit22b.checkpoint import Checkpointer, abstract_like
-from vit22b.config import ModelConfig
+from vit22b.config import ConfigError, ModelConfig
 from vit22b.data import ImageDataset, load_dataset
 from vit22b.interrupt import StopSignals, TrainingInterrupted, agreed_stop
 from vit22b.metrics import MetricsWriter
@@ -80,6 +81,14 @@ class TrainConfig:
     # kept when its shape matches, else a new zero head. The checkpoints of the work dir still win
     # on resume.
     init_from: str | None = None
+    # Distillation (`vit22b distill`): a model dir whose logits on the same augmented view are the
+    # targets. The teacher is a frozen input of the step, sharded by the same rule table as the
+    # student, forward only (no gradients, no optimizer state), its params and matmuls in
+    # `teacher_dtype`; a teacher of another resolution sees the batch resized to its own.
+    teacher: str | None = None
+    distill_temperature: float = 1.0
+    distill_label_weight: float = 0.0  # a in (1 - a) * KL_t + a * CE(labels)
+    teacher_dtype: str = "bfloat16"
 
     @property
     def eval_interval(self) -> int:
@@ -103,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distillation temperature must be positive, got {self.distill_temperature}")
+        if not 0 <= self.distill_label_weight <= 1:
+            raise ValueError(f"distillation label weight must be in [0, 1], got {self.distill_label_weight}")
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss,
@@ -114,6 +127,49 @@ def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss,
         return optax.softmax_cross_entropy(logits, onehot).mean()
     # big_vision's sigmoid_xent: sum over classes, mean over the batch.
     return optax.sigmoid_binary_cross_entropy(logits, onehot).sum(-1).mean()
+
+
+def kl_distill_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                    temperature: float = 1.0) -> jax.Array:
+    """big_vision's `dist(kind='kl')`: t^2 * KL(softmax(teacher/t) || softmax(student/t)), summed
+    over classes, batch mean; no gradient flows into the teacher."""
+    t = temperature
+    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    log_p = jax.nn.log_softmax(teacher / t, axis=-1)
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    return t**2 * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+# loss_fn(params, batch, frozen) -> (loss, {metric: scalar}); `frozen` (the teacher's params, or
+# None) is an input of the step that gets no gradient.
+LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def classification_objective(graphdef: Any, cfg: TrainConfig) -> LossFn:
+    def loss_fn(params: Any, batch: dict[str, jax.Array], _: Any) -> tuple[jax.Array, dict]:
+        logits, _ = apply(graphdef, params, batch["image"])
+        return classification_loss(logits, batch["label"], cfg.loss, cfg.label_smoothing), {}
+    return loss_fn
+
+
+def resize_images(images: jax.Array, size: int) -> jax.Array:
+    """[B, H, W, C] -> [B, size, size, C] (bilinear, antialiased when shrinking)."""
+    if images.shape[1] == size:
+        return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
+
+
+def distill_objective(graphdef: Any, teacher_def: Any, teacher_size: int, cfg: TrainConfig) -> LossFn:
+    """Teacher and student on the same view of the batch (big_vision's "consistent" matching)."""
+    def loss_fn(params: Any, batch: dict[str, jax.Array], teacher_params: Any
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits, _ = apply(graphdef, params, batch["image"])
+        teacher_logits, _ = apply(teacher_def, teacher_params, resize_images(batch["image"], teacher_size))
+        kl = kl_distill_loss(logits, teacher_logits, cfg.distill_temperature)
+        ce = classification_loss(logits, batch["label"], cfg.loss, cfg.label_smoothing)
+        a = cfg.distill_label_weight
+        return (1.0 - a) * kl + a * ce, {"kl": kl, "ce": ce}
+    return loss_fn
 
 
 def state_shardings(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, optax.GradientTransformation, Any]:
@@ -177,28 +233,84 @@ def initial_params(location: str, model: ModelConfig, shardings: Any) -> Any:
                       for k, v in fitted.items()})
 
 
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen model whose logits are the distillation targets: its config (dtype and execution
+    settings as it runs here), graphdef, params placed in `shardings` (or abstract)."""
+    config: ModelConfig
+    graphdef: Any
+    params: Any
+    shardings: Any
+
+
+def teacher_config(cfg: TrainConfig) -> ModelConfig:
+    """The teacher's architecture (from the header of its weights file), as it runs in this step:
+    forward only (no remat), its matmuls in teacher_dtype; checked against the student."""
+    from vit22b.weights import read_config
+
+    assert cfg.teacher is not None
+    teacher = read_config(cfg.teacher)
+    if teacher is None:
+        raise TrainingError(f"teacher {cfg.teacher} carries no vit22b config: import it first "
+                            "(`vit22b import`)")
+    student = cfg.model
+    if teacher.num_classes != student.num_classes or teacher.in_channels != student.in_channels:
+        raise TrainingError(
+            f"teacher {cfg.teacher} ({teacher.num_classes} classes, {teacher.in_channels} channels) "
+            f"does not fit the data ({student.num_classes} classes, {student.in_channels} channels): "
+            "distil on the data the teacher was trained for (fine-tune the teacher first)")
+    return teacher.replace(dtype_mm=cfg.teacher_dtype, remat="none", scan=student.scan,
+                           collective_matmul=student.collective_matmul)
+
+
+def load_teacher(cfg: TrainConfig, mesh: Mesh, *, abstract: bool = False) -> Teacher:
+    """The teacher's params in `teacher_dtype`, sharded by the same rule table as the student's
+    (each process builds only the slices its devices hold); `abstract`: shapes only."""
+    from vit22b.weights import fit_weights, flatten, read_weights, unflatten
+
+    tcfg = teacher_config(cfg)
+    model = abstract_model(tcfg)
+    graphdef, expected = split_params(model)
+    shardings = param_shardings(logical_axes(model), expected, mesh)
+    dtype = jnp.dtype(cfg.teacher_dtype)
+    if abstract:
+        params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
+                              expected, shardings)
+        return Teacher(tcfg, graphdef, params, shardings)
+    flat, _ = read_weights(cfg.teacher)
+    fitted = flatten(fit_weights(flat, expected))
+    shard = flatten(shardings)
+    params = unflatten({k: jax.make_array_from_callback(
+        v.shape, shard[k], lambda idx, v=v: np.asarray(v[idx], dtype)) for k, v in fitted.items()})
+    return Teacher(tcfg, graphdef, params, shardings)
+
+
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig,
-                    shardings: Any = None, mesh: Mesh | None = None) -> Any:
-    def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
-        logits, _ = apply(graphdef, params, images)
-        return classification_loss(logits, labels, cfg.loss, cfg.label_smoothing)
+                    shardings: Any = None, mesh: Mesh | None = None, *, loss_fn: LossFn | None = None,
+                    frozen_shardings: Any = None) -> Any:
+    """The jitted step `(state, batch[, frozen]) -> (state, metrics)`, the state donated. `loss_fn`:
+    the objective (default: classification with cfg.loss); `frozen_shardings`: where the frozen
+    input (a teacher's params) lives, when the objective takes one."""
+    grad_fn = jax.value_and_grad(loss_fn or classification_objective(graphdef, cfg), has_aux=True)
 
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+    def step(state: State, batch: dict[str, jax.Array], frozen: Any = None
+             ) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
         if cfg.grad_accum == 1:
-            loss, grads = grad_fn(params, batch["image"], batch["label"])
+            (loss, aux), grads = grad_fn(params, batch, frozen)
         else:  # sum gradients of micro-batches in a scan: activation memory of one micro-batch
             micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
 
             def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-                loss, grads = grad_fn(params, mb["image"], mb["label"])
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                (loss, aux), grads = grad_fn(params, mb, frozen)
+                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-            loss, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (loss, grads))
+            first = jax.tree.map(lambda x: x[0], micro)
+            _, aux_shape = jax.eval_shape(lambda: grad_fn(params, first, frozen)[0])
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, aux_shape),
+                     jax.tree.map(jnp.zeros_like, params))
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, aux, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (loss, aux, grads))
         grad_norm = optax.tree.norm(grads)
         # A non-finite gradient is zeroed so no NaN enters the state, and the host stops the run on
         # seeing `finite` false before it saves anything (a select over the whole state instead
@@ -209,19 +321,25 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainC
         new_params = optax.apply_updates(params, updates)
         new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                   "param_norm": optax.tree.norm(new_params)}
+                   "param_norm": optax.tree.norm(new_params), **aux}
         return new, metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0,))
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = {"image": batch_sharding(mesh, 4), "label": batch_sharding(mesh, 1)}
-    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_in),
-                     out_shardings=(shardings, replicated))
+    if frozen_shardings is None:
+        jitted = jax.jit(lambda state, batch: step(state, batch), donate_argnums=(0,),
+                         in_shardings=(shardings, batch_in), out_shardings=(shardings, replicated))
+    else:
+        jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_in, frozen_shardings),
+                         out_shardings=(shardings, replicated))
 
-    def run(state: State, batch: dict[str, Any]) -> tuple[State, dict[str, jax.Array]]:
+    def run(state: State, batch: dict[str, Any], frozen: Any = None
+            ) -> tuple[State, dict[str, jax.Array]]:
         with jax.set_mesh(mesh):
-            return jitted(state, to_global(batch, mesh))
+            batch = to_global(batch, mesh)
+            return jitted(state, batch) if frozen_shardings is None else jitted(state, batch, frozen)
 
     run.jitted = jitted  # type: ignore[attr-defined]
     return run
@@ -233,8 +351,12 @@ def to_global(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
-def make_predict(graphdef: Any, mesh: Mesh | None = None) -> Any:
-    jitted = jax.jit(lambda params, images: apply(graphdef, params, images)[0])
+def make_predict(graphdef: Any, mesh: Mesh | None = None, image_size: int | None = None) -> Any:
+    """Logits of a batch; `image_size`: the model's, when the data come at another (a teacher)."""
+    def logits(params: Any, images: jax.Array) -> jax.Array:
+        return apply(graphdef, params, resize_images(images, image_size or images.shape[1]))[0]
+
+    jitted = jax.jit(logits)
     if mesh is None:
         return jitted
 
@@ -294,6 +416,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     lead = jax.process_index() == 0  # the process that writes metrics, weights and results
     mesh = make_mesh(cfg.mesh)
     check_divisibility(cfg.model, cfg.batch_size, mesh)
+    if cfg.teacher:
+        try:
+            check_divisibility(teacher_config(cfg), cfg.batch_size, mesh)
+        except ConfigError as e:
+            raise ConfigError(f"the teacher: {e}") from None
     if cfg.batch_size % jax.process_count():
         raise TrainingError(f"batch {cfg.batch_size} does not split over {jax.process_count()} "
                             "processes: use a multiple of the process count")
@@ -308,10 +435,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
         else:
             state = restored[1]
             print(f"resumed from {workdir}/checkpoints/{restored[0]}", flush=True)
+        teacher = load_teacher(cfg, mesh) if cfg.teacher else None
         if lead:  # only now: a refused or failed resume leaves the work dir's files as they were
             _write_run_files(cfg, workdir, dataset.class_names)
         return _train_loop(cfg, dataset, workdir, mesh, checkpointer, graphdef, tx, state, shardings,
-                           t_start)
+                           t_start, teacher)
     finally:
         if lock is not None:
             lock.release()
@@ -319,10 +447,19 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
 
 def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Mesh,
                 checkpointer: Checkpointer, graphdef: Any, tx: optax.GradientTransformation,
-                state: State, shardings: Any, t_start: float) -> dict[str, Any]:
+                state: State, shardings: Any, t_start: float, teacher: Teacher | None = None
+                ) -> dict[str, Any]:
     lead = jax.process_index() == 0
     start = int(state["step"])
-    train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
+    if teacher is None:
+        train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
+    else:
+        objective = distill_objective(graphdef, teacher.graphdef, teacher.config.image_size, cfg)
+        step_fn = make_train_step(graphdef, tx, cfg, shardings, mesh, loss_fn=objective,
+                                  frozen_shardings=teacher.shardings)
+
+        def train_step(state: State, batch: dict[str, Any]) -> tuple[State, dict[str, jax.Array]]:
+            return step_fn(state, batch, teacher.params)
     predict = make_predict(graphdef, mesh)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     writer = MetricsWriter(workdir, enabled=lead)
@@ -364,8 +501,8 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
         wait_ms = 1000 * window_wait / max(window_steps, 1)
         last_step, last = pending[-1][0] + 1, fetched[-1]
         lr = float(schedule(last_step - 1))
-        writer.write(last_step, **{"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                                   "train/param_norm": last["param_norm"], "train/lr": lr,
+        extra = {f"train/{k}": v for k, v in last.items() if k not in ("loss", "finite")}
+        writer.write(last_step, **{"train/loss": last["loss"], **extra, "train/lr": lr,
                                    "train/images_per_second": img_s, "train/data_wait_ms": wait_ms,
                                    "data/skipped_files": dataset.skipped + len(skipped_indices)})
         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", data_ms=f"{wait_ms:.1f}")
@@ -437,6 +574,10 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
               "resumed_from": start or None, "eval_examples": dataset.val_size,
               "train_examples": dataset.train_size, "data": dataset.name,
               "batch_size": cfg.batch_size, "skipped_files": dataset.skipped + len(skipped_indices)}
+    if teacher is not None:
+        result["teacher_eval_accuracy"] = evaluate(
+            make_predict(teacher.graphdef, mesh, teacher.config.image_size), teacher.params, dataset,
+            cfg.batch_size)
     if lead:
         (workdir / "final.json").write_text(json.dumps(result, indent=2))
     return result

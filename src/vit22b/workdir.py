@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vit22b.config import ModelConfig
+from vit22b.config import EXECUTION_FIELDS, ModelConfig
 from vit22b.weights import CONFIG_FILE
 
 LOCK_FILE = "train.lock"
@@ -43,9 +43,11 @@ def check_resumable(workdir: Path, model: ModelConfig, optim: dict[str, Any]) ->
     config_path = workdir / CONFIG_FILE
     if config_path.exists():
         old = ModelConfig.from_json(config_path.read_text())
-        if old != model:
-            diff = {k: (getattr(old, k), getattr(model, k))
-                    for k in dataclasses.asdict(old) if getattr(old, k) != getattr(model, k)}
+        # How the model runs (remat, scan, matmul dtype, collective matmul) may change between
+        # runs: the parameters, and so the checkpoints, are the same.
+        diff = {k: (getattr(old, k), getattr(model, k)) for k in dataclasses.asdict(old)
+                if k not in EXECUTION_FIELDS and getattr(old, k) != getattr(model, k)}
+        if diff:
             raise WorkdirError(
                 f"work dir {workdir} holds a run of another model config (was -> now: {diff}); "
                 "use a new --workdir, or the original flags to resume it.")

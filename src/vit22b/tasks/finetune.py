@@ -1,16 +1,17 @@
 """Full fine-tuning of a pretrained checkpoint to a new label set, at another resolution.
 
-Protocol (big_vision `configs/transfer.py`): the body is loaded from the checkpoint; the head is
-dropped (`dont_load=['head/kernel', 'head/bias']`) and a new zero-initialised head of the new
-class count is made; a learned position embedding is resampled in 2-D to the new grid on load;
-every parameter is trained with softmax cross-entropy, SGD with momentum 0.9 (or adafactor/adamw),
-a cosine schedule with linear warm-up, global-norm clip 1.0 and no weight decay. Batches are the
-data set's augmented train stream (batch s = f(seed, s)); the result is evaluated on its val split.
+Fine-tuning is `vit22b train` with another config (big_vision's transfer pattern: the same train
+loop): started from the checkpoint without its head (a new zero-initialised head of the new class
+count; a learned position embedding resampled in 2-D to the new grid; train.initial_params), with
+softmax cross-entropy and the transfer optimiser of big_vision `configs/transfer.py` (SGD with
+momentum 0.9, or adafactor/adamw; cosine schedule with linear warm-up, global-norm clip 1.0, no
+weight decay). So it runs on any `--mesh`, multi-host, with `--collective-matmul`, writes orbax
+checkpoints, resumes after a crash and logs metrics.jsonl / TensorBoard as `vit22b train` does.
 
     vit22b finetune --checkpoint W --data digits --image-size 16 --workdir OUT --steps 300
 
-writes OUT/model.safetensors + config.json + classes.json + finetune.json (+ metrics.jsonl).
-`fit` is the small single-device loop shared with `distill.py`.
+writes OUT/model.safetensors + config.json + classes.json + final.json + finetune.json
+(+ checkpoints/, metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -18,27 +19,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-import optax
-from tqdm.auto import tqdm
-
-from vit22b.config import ModelConfig
+from vit22b.cli_args import (
+    add_model_flags,
+    add_run_flags,
+    check_train_args,
+    init_distributed,
+    model_overrides,
+    run_fields,
+)
+from vit22b.config import EXECUTION_FIELDS, ModelConfig
 from vit22b.data import ImageDataset, load_dataset
-from vit22b.metrics import MetricsWriter
-from vit22b.model import abstract_model, apply, init_model, split_params
-from vit22b.optim import OptimConfig, make_optimizer
-from vit22b.train import TrainingError, classification_loss, evaluate, make_predict
-from vit22b.weights import fit_weights, flatten, read_weights, save_model, unflatten
-
-HEAD = ("head_kernel", "head_bias")
-# loss_fn(params, batch, frozen) -> (loss, {name: scalar}); `frozen` is passed through untouched.
-LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
+from vit22b.optim import OptimConfig
+from vit22b.train import TrainConfig, train
+from vit22b.weights import read_config
 
 
 class FinetuneError(ValueError):
@@ -53,123 +51,68 @@ def transfer_optim(optimizer: str = "sgd", lr: float = 0.03, warmup: int = 0, cl
                        momentum_dtype="float32")
 
 
-def fit(graphdef: Any, params: Any, loss_fn: LossFn, tx: optax.GradientTransformation,
-        batches: Iterator[dict[str, np.ndarray]], steps: int, *, frozen: Any = None,
-        progress: bool = True, desc: str = "train", writer: MetricsWriter | None = None,
-        log_every: int = 25) -> Any:
-    """`steps` jitted updates on one device (no mesh); returns the trained params.
-
-    Stops with TrainingError on a non-finite loss. (The hook that would let train.train do this:
-    a `loss_fn`/`init_params` argument to make_train_step/init_state; see the report.)"""
-    del graphdef  # the loss closes over it; kept in the signature for symmetry with train.py
-
-    def step(params: Any, opt_state: Any, batch: dict[str, jax.Array], frozen: Any
-             ) -> tuple[Any, Any, dict[str, jax.Array]]:
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state,
-                {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux})
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    params = jax.tree.map(jax.numpy.asarray, params)
-    opt_state = tx.init(params)
-    bar = tqdm(total=steps, disable=not progress, unit="step", desc=desc, dynamic_ncols=True)
-    try:
-        for s in range(1, steps + 1):
-            batch = next(batches)
-            params, opt_state, metrics = jitted(params, opt_state,
-                                                {"image": batch["image"], "label": batch["label"]},
-                                                frozen)
-            bar.update(1)
-            if s % log_every == 0 or s == steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(m["loss"]):
-                    raise TrainingError(f"non-finite loss at step {s}: lower --lr or check the data")
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-                if writer is not None:
-                    writer.write(s, **{f"train/{k}": v for k, v in m.items()})
-    finally:
-        bar.close()
-    return params
+def source_config(checkpoint: str | Path) -> ModelConfig:
+    """The checkpoint's architecture, from its metadata alone (the weights are read once, later)."""
+    source = read_config(checkpoint)
+    if source is None:
+        raise FinetuneError(f"{checkpoint} carries no vit22b config: cannot tell its architecture "
+                            "(import it first with `vit22b import`)")
+    return source
 
 
-def finetune_model_config(source: ModelConfig, dataset: ImageDataset) -> ModelConfig:
-    """The checkpoint's architecture with the new data's classes and resolution, zero head."""
+def finetune_model_config(source: ModelConfig, dataset: ImageDataset, **execution: Any) -> ModelConfig:
+    """The checkpoint's architecture with the new data's classes and resolution, zero head; only
+    execution settings (remat, scan, dtypes, collective matmul) may be changed on top."""
     if source.in_channels != dataset.in_channels:
         raise FinetuneError(
             f"the checkpoint takes {source.in_channels}-channel images but {dataset.name!r} has "
             f"{dataset.in_channels}-channel images: the patch embedding cannot be reused; fine-tune "
             f"on {source.in_channels}-channel data (or train from scratch with `vit22b train`).")
+    other = sorted(set(execution) - set(EXECUTION_FIELDS))
+    if other:
+        raise FinetuneError(f"{other} would change the checkpoint's architecture: fine-tuning keeps "
+                            f"it; only {EXECUTION_FIELDS} may be set")
     return source.replace(num_classes=dataset.num_classes, image_size=dataset.image_size,
-                          head_bias_init=0.0)
-
-
-def load_pretrained(checkpoint: str | Path, dataset: ImageDataset
-                    ) -> tuple[ModelConfig, ModelConfig, Any, dict[str, np.ndarray]]:
-    """(source config, new config, graphdef, params): body from the checkpoint (posemb resampled
-    in 2-D by fit_weights), head new and all zeros."""
-    flat, source = read_weights(checkpoint)
-    if source is None:
-        raise FinetuneError(f"{checkpoint} carries no vit22b config: cannot tell its architecture")
-    cfg = finetune_model_config(source, dataset)
-    graphdef, expected = split_params(abstract_model(cfg))
-    fitted = flatten(fit_weights(flat, expected, skip=HEAD))
-    for name in HEAD:  # skipped -> the abstract leaf: replace by the zero init
-        fitted[name] = np.zeros(fitted[name].shape, np.float32)
-    return source, cfg, graphdef, unflatten(fitted)
-
-
-def softmax_loss(graphdef: Any) -> LossFn:
-    def loss_fn(params: Any, batch: dict[str, jax.Array], _: Any) -> tuple[jax.Array, dict]:
-        logits, _ = apply(graphdef, params, batch["image"])
-        return classification_loss(logits, batch["label"], "softmax"), {}
-    return loss_fn
+                          head_bias_init=0.0, **execution)
 
 
 def finetune(checkpoint: str | Path, dataset: ImageDataset, workdir: str | Path | None, *,
              steps: int = 300, batch_size: int = 64, optim: OptimConfig | None = None,
-             seed: int = 0, augment: bool = True, scratch: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """Fine-tune `checkpoint` on `dataset`; `scratch=True`: same model and budget from a fresh
-    init (the baseline). Writes the model dir and finetune.json when `workdir` is given."""
+             scratch: bool = False, execution: dict[str, Any] | None = None,
+             **run: Any) -> dict[str, Any]:
+    """Fine-tune `checkpoint` on `dataset` with `vit22b train`'s loop; `scratch=True`: the same
+    model and budget from a fresh init (the baseline). `run`: TrainConfig's execution fields
+    (mesh, seed, augment, progress, checkpoint_every, ...). Without a `workdir` the run's files go
+    to a temporary directory that is removed afterwards."""
     t0 = time.time()
+    source = source_config(checkpoint)
+    model = finetune_model_config(source, dataset, **(execution or {}))
     optim = optim or transfer_optim(warmup=max(1, steps // 20))
-    source, cfg, graphdef, params = load_pretrained(checkpoint, dataset)
-    if scratch:
-        _, params = split_params(init_model(cfg, seed=seed))
-    tx = make_optimizer(optim, params, steps)
-    writer = MetricsWriter(workdir, tensorboard=False) if workdir else None
-    batches = dataset.train_batches(batch_size, seed=seed, augment=augment)
-    params = fit(graphdef, params, softmax_loss(graphdef), tx, batches, steps, progress=progress,
-                 desc="finetune", writer=writer)
-    accuracy = evaluate(make_predict(graphdef), params, dataset, batch_size)
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        cfg = TrainConfig(model=model, optim=optim, workdir=str(workdir or scratch_dir),
+                          data=dataset.name, steps=steps, batch_size=batch_size, loss="softmax",
+                          init_from=None if scratch else str(checkpoint), **run)
+        r = train(cfg, dataset)
     result = {
-        "val_accuracy": accuracy, "steps": steps, "seconds": time.time() - t0,
+        "val_accuracy": r["eval_accuracy"], "steps": steps, "seconds": time.time() - t0,
         "source_checkpoint": str(checkpoint), "from_scratch": scratch, "data": dataset.name,
-        "num_classes": cfg.num_classes, "source_num_classes": source.num_classes,
-        "resolution": {"from": source.image_size, "to": cfg.image_size,
-                       "grid_from": source.grid_size, "grid_to": cfg.grid_size},
-        "batch_size": batch_size, "seed": seed, "optim": dataclasses.asdict(optim),
-        "train_examples": dataset.train_size, "val_examples": dataset.val_size,
+        "num_classes": model.num_classes, "source_num_classes": source.num_classes,
+        "resolution": {"from": source.image_size, "to": model.image_size,
+                       "grid_from": source.grid_size, "grid_to": model.grid_size},
+        "batch_size": batch_size, "seed": cfg.seed, "mesh": cfg.mesh, "resumed_from": r["resumed_from"],
+        "optim": dataclasses.asdict(optim), "train_examples": dataset.train_size,
+        "val_examples": dataset.val_size,
     }
     if workdir:
-        write_run(workdir, "finetune", result, writer, accuracy, steps, params, cfg, dataset)
+        (Path(workdir) / "finetune.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def write_run(workdir: str | Path, task: str, result: dict, writer: Any, accuracy: float, steps: int,
-              params: Any, cfg: Any, dataset: Any) -> None:
-    """A task's model directory: final metric, weights + config, class names, `<task>.json`."""
-    writer.write(steps, **{"eval/accuracy": accuracy})
-    writer.close()
-    save_model(workdir, params, cfg)
-    (Path(workdir) / "classes.json").write_text(json.dumps(list(dataset.class_names)))
-    (Path(workdir) / f"{task}.json").write_text(json.dumps(result, indent=2))
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
-    _, source = read_weights(args.checkpoint)
-    image_size = args.image_size or (source.image_size if source else 224)
+    check_train_args(args)
+    init_distributed(args)
+    source = source_config(args.checkpoint)
+    image_size = args.image_size or source.image_size
     dataset = load_dataset(args.data, image_size, val_path=args.val_data,
                            val_fraction=args.val_fraction, seed=args.seed)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
@@ -177,9 +120,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"fine-tuning {args.checkpoint} on {dataset.name} ({dataset.num_classes} classes, "
           f"{image_size}px, {dataset.train_size} train / {dataset.val_size} val) -> {args.workdir}")
     r = finetune(args.checkpoint, dataset, args.workdir, steps=args.steps,
-                 batch_size=args.batch_size, optim=optim, seed=args.seed,
-                 augment=not args.no_augment, scratch=args.from_scratch,
-                 progress=not args.no_progress)
+                 batch_size=args.batch_size, optim=optim, scratch=args.from_scratch,
+                 execution=model_overrides(args), augment=not args.no_augment, **run_fields(args))
     print(f"val accuracy {100 * r['val_accuracy']:.2f}% after {r['steps']} steps, "
           f"{r['seconds']:.0f} s ({r['resolution']['from']} -> {r['resolution']['to']} px; "
           f"results: {args.workdir}/finetune.json)")
@@ -187,13 +129,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("finetune", help="fine-tune a checkpoint to new classes/resolution")
+    p = subparsers.add_parser("finetune", help="fine-tune a checkpoint to new classes/resolution "
+                              "(`train` from the checkpoint, any --mesh, resumable)")
     p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--data", default="digits", help="'digits' or an image folder")
+    p.add_argument("--data", default="digits", help="'digits', 'fashion-mnist', 'idx:DIR', a "
+                   "prepare-data directory or an image folder")
     p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="run the same command again to resume")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", choices=["sgd", "adafactor", "adamw"], default="sgd",
@@ -205,6 +149,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--from-scratch", action="store_true",
                    help="baseline: same model and budget, fresh init instead of the checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p)
+    add_model_flags(p, only=EXECUTION_FIELDS)
     p.set_defaults(func=cmd_finetune)
