@@ -203,7 +203,8 @@ def predict(module: nnx.Module, x: np.ndarray, batch_size: int = 512, *,
     """post(module(x)) (default the outputs themselves) in batches, see `apply_batched`."""
     graphdef, state = nnx.split(module)
     post = post or (lambda y: y)
-    return apply_batched(jax.jit(lambda xb: post(nnx.merge(graphdef, state)(xb))), x, batch_size, dtype=dtype)
+    forward = jax.jit(lambda s, xb: post(nnx.merge(graphdef, s)(xb)))  # weights as an argument, not constants
+    return apply_batched(lambda xb: forward(state, xb), x, batch_size, dtype=dtype)
 
 
 def standardise(train: np.ndarray, *others: np.ndarray, axes: tuple[int, ...] = (0,)
