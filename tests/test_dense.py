@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import run_task
 from vit22b.data import DataError
-from vit22b.tasks import dense_data, dense_heads, depth, segment
+from vit22b.tasks import common, dense_data, dense_heads, depth, segment
 
 
 # ----------------------------------------------------------------------------- metrics and losses
@@ -79,7 +79,7 @@ def test_digit_canvases_are_deterministic_and_masks_exact():
     assert images.shape == (12, 24, 24, 1) and masks.shape == (12, 24, 24)
     # the mask is exactly the drawn (above-threshold) pixels, and replaying the draws reproduces both
     np.testing.assert_array_equal(masks > 0, images[..., 0] > 128)
-    glyphs, labels = dense_data.digit_glyphs("train", 12)
+    glyphs, labels = common.digit_glyphs("train", 12)
     canvas, mask = np.zeros((12, 24, 24), np.uint8), np.zeros((12, 24, 24), np.uint8)
     for i, g, y, x in placements:
         stroke = glyphs[g] > 128

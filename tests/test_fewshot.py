@@ -1,6 +1,5 @@
 """`vit22b fewshot`: the closed-form ridge solution against scikit-learn, sampling, the command."""
 
-import argparse
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 from conftest import run_task
 from vit22b.data import DataError
-from vit22b.tasks import fewshot, probe
+from vit22b.tasks import common, fewshot
 
 
 def run(argv: list[str]) -> int:
@@ -67,12 +66,10 @@ def test_too_few_examples_per_class_is_a_clear_error():
 
 @pytest.mark.slow
 def test_accuracy_increases_with_shots_on_digits_features(digits_ckpt):
-    args = argparse.Namespace(checkpoint=str(digits_ckpt), data="digits", val_data=None,
-                              val_fraction=0.2, image_size=None)
-    model, data = probe.load_task(args)
-    fn = probe.batch_fn(model, "encoded-mean")
-    x_tr, y_tr = probe.run_batches(fn, data, "train", 512, False, "")
-    x_val, y_val = probe.run_batches(fn, data, "val", 512, False, "")
+    model, data, _ = common.load_task(checkpoint=str(digits_ckpt), data="digits")
+    fn = common.batch_fn(model, "encoded-mean")
+    x_tr, y_tr = common.run_batches(fn, data, "train", 512, False, "")
+    x_val, y_val = common.run_batches(fn, data, "val", 512, False, "")
     table = fewshot.run_fewshot(x_tr, y_tr, x_val, y_val, 10, [1, 5, 25], [0, 1, 2], [1.0, 1024.0])
     for lam in ("l2=1", "l2=1024"):
         acc = [table[f"{k}shot"][lam]["mean"] for k in (1, 5, 25)]

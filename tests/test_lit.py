@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import run_task
 from vit22b.data import DataError
 from vit22b.tasks import lit
-from vit22b.text import EOS, TextConfig
+from vit22b.tasks.text import EOS, TextConfig
 
 TINY = ["--text-width", "32", "--text-depth", "1", "--embed-dim", "32", "--max-len", "40", "--no-progress"]
 

@@ -1,6 +1,5 @@
 """`vit22b probe`: the linear classifier on synthetic features, and the command on a digits checkpoint."""
 
-import argparse
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_task
-from vit22b.tasks import probe
+from vit22b.tasks import common, probe
 
 
 def run(argv: list[str]) -> int:
@@ -27,7 +26,7 @@ def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_linear_probe_reaches_100_on_linearly_separable_features():
     x_tr, y_tr = _separable(2000, 0)
     x_val, y_val = _separable(500, 1)
-    x_tr, x_val = probe.standardise(x_tr, x_val)
+    (x_tr, x_val), _ = common.standardise(x_tr, x_val)
     w, b, _ = probe.train_linear(x_tr, y_tr, 4, wd=0.0, steps=500)
     assert probe.accuracy(x_tr, y_tr, w, b) >= 0.995
     assert probe.accuracy(x_val, y_val, w, b) >= 0.99
@@ -43,20 +42,18 @@ def test_linear_probe_is_at_chance_on_random_labels():
 
 def test_standardise_uses_train_statistics():
     tr, val = np.array([[0.0, 10.0], [2.0, 30.0]]), np.array([[1.0, 20.0]])
-    s_tr, s_val = probe.standardise(tr, val)
+    (s_tr, s_val), _ = common.standardise(tr, val)
     np.testing.assert_allclose(s_tr.mean(0), 0, atol=1e-6)
     np.testing.assert_allclose(s_tr.std(0), 1, atol=1e-5)
     np.testing.assert_allclose(s_val, [[0.0, 0.0]], atol=1e-6)
 
 
 def _features(ckpt, feature):
-    args = argparse.Namespace(checkpoint=str(ckpt), data="digits", val_data=None, val_fraction=0.2,
-                              image_size=None)
-    model, data = probe.load_task(args)
-    fn = probe.batch_fn(model, feature)
-    x_tr, y_tr = probe.run_batches(fn, data, "train", 512, False, "")
-    x_val, y_val = probe.run_batches(fn, data, "val", 512, False, "")
-    return (*probe.standardise(x_tr, x_val), y_tr, y_val)
+    model, data, _ = common.load_task(checkpoint=str(ckpt), data="digits")
+    fn = common.batch_fn(model, feature)
+    x_tr, y_tr = common.run_batches(fn, data, "train", 512, False, "")
+    x_val, y_val = common.run_batches(fn, data, "val", 512, False, "")
+    return (*common.standardise(x_tr, x_val)[0], y_tr, y_val)
 
 
 @pytest.mark.slow

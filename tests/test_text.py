@@ -1,11 +1,11 @@
-"""vit22b.text: the byte tokenizer (ids, padding, truncation, UTF-8) and the text tower vs numpy.
+"""vit22b.tasks.text: the byte tokenizer (ids, padding, truncation, UTF-8) and the text tower vs numpy.
 (Training through the tower is exercised by the `lit` command tests in test_lit.py.)"""
 
 import jax
 import numpy as np
 import pytest
 
-from vit22b.text import EOS, PAD, TextConfig, detokenize, encode_text, init_text_params, tokenize, trim
+from vit22b.tasks.text import EOS, PAD, TextConfig, detokenize, encode_text, init_text_params, tokenize, trim
 
 
 def test_tokenize_ascii_ids_eos_and_padding():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run_task
 from vit22b.data import DataError
-from vit22b.tasks import video
+from vit22b.tasks import common, video
 from vit22b.tasks import video_data as vd
 
 
@@ -74,7 +74,7 @@ def test_generated_labels_match_the_motion_recovered_from_pixels():
     """Small digits that never leave the canvas: the ink's top-left corner, found in each frame,
     moves along the labelled axis in the labelled direction, and the digit is of the labelled
     group; each frame is exactly the digit pasted there."""
-    pool = vd._digit_pools(6)[0]
+    pool = common.digit_glyphs("train", 6)
     clips, labels, meta = vd.make_moving_digits(40, pool, canvas=16, num_frames=6, seed=1, travel=8)
     for clip, label, k in zip(clips, labels, meta["image_index"], strict=True):
         digit = pool[0][k]
@@ -95,7 +95,7 @@ def test_generated_labels_match_the_motion_recovered_from_pixels():
 def test_default_generator_clips_are_reversals_of_their_pair_class():
     """Near-canvas-size digits (cut off at the edges): every clip equals the time-reversed
     rendering of the opposite direction with the same digit and extent."""
-    pool = vd._digit_pools(7)[1]
+    pool = common.digit_glyphs("val", 7)
     clips, labels, meta = vd.make_moving_digits(16, pool, canvas=8, num_frames=5, seed=2)
     opposite = {"right": "left", "left": "right", "down": "up", "up": "down"}
     for i, label in enumerate(labels):

@@ -29,16 +29,14 @@ nearest-neighbour so class ids and depth discontinuities are never blended.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from vit22b.data import DataError, ImageDataset, load_digits_dataset
-from vit22b.model import ViT
+from vit22b.data import DataError
+from vit22b.tasks.common import digit_glyphs
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IGNORE = 255
@@ -60,25 +58,7 @@ class DenseData:
     num_classes: int = 0  # 0 for depth
 
 
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], the range every vit22b checkpoint is trained on."""
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
 # ----------------------------------------------------------------------------- segmentation
-@functools.lru_cache(maxsize=2)
-def _digits(digit_size: int) -> ImageDataset:
-    return load_digits_dataset(digit_size)
-
-
-def digit_glyphs(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [M, s, s] upsampled digits and their labels int32 [M] from the digits' train or val split."""
-    ds = _digits(digit_size)
-    part = ds.train if split == "train" else ds.val
-    assert part.images is not None
-    return part.images[..., 0], part.labels
-
-
 def draw_digit(canvas: np.ndarray, mask: np.ndarray, glyph: np.ndarray, label: int, y: int, x: int,
                threshold: int) -> None:
     """Paint the stroke pixels of `glyph` at (y, x) in place; the mask gets label + 1 on the same pixels."""
@@ -321,41 +301,13 @@ def load_folder(path: str | Path, kind: str, image_size: int, in_channels: int, 
                      num_classes=num_classes or 0)
 
 
-# ----------------------------------------------------------------------------- command plumbing
-def add_dense_args(p: argparse.ArgumentParser, task: str) -> None:
-    """The arguments `vit22b segment` and `vit22b depth` share."""
-    target = "masks/<stem>.png" if task == "segment" else "depth/<stem>.npy|png"
-    p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--data", default="synthetic",
-                   help=f"'synthetic' (generated, exact labels) or a folder with images/ and {target} "
-                        "(or train/ and val/ sub-folders laid out so)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="folder without train/ + val/")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="default: the checkpoint's (another size resamples the position embedding)")
-    p.add_argument("--num-train", type=int, default=1000, help="synthetic train images")
-    p.add_argument("--num-val", type=int, default=200, help="synthetic val images")
-    p.add_argument("--decoder", choices=["linear", "dpt"], default="dpt",
-                   help="linear: per-patch linear + bilinear upsampling; dpt: multi-layer conv decoder")
-    p.add_argument("--layers", default=None,
-                   help="dpt: comma-separated block indices (default 4 evenly spaced, ending at the last)")
-    p.add_argument("--features", type=int, default=32, help="dpt decoder channels")
-    p.add_argument("--steps", type=int, default=600, help="decoder training steps")
-    p.add_argument("--batch-size", type=int, default=16, help="decoder training batch")
-    p.add_argument("--extract-batch", type=int, default=128, help="frozen-feature extraction batch")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default 3e-3 dpt, 1e-2 linear)")
-    p.add_argument("--seed", type=int, default=0, help="data generation, split, init and batches")
-    p.add_argument("--workdir", default=None, help="writes <task>.json and <task>_decoder.safetensors here")
-    p.add_argument("--out", default=None,
-                   help="results JSON (default WORKDIR/<task>.json, else CHECKPOINT/<task>.json)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def load_dense_data(args: argparse.Namespace, task: str, model: ViT) -> DenseData:
-    """Synthetic or folder data for `task` at the model's image size and channel count."""
-    size, channels = model.cfg.image_size, model.cfg.in_channels
-    if args.data == "synthetic":
-        if args.num_train < 1 or args.num_val < 1:
-            raise DataError(f"--num-train {args.num_train} / --num-val {args.num_val}: use at least 1 each")
-        return synthetic(task, size, channels, args.num_train, args.num_val, args.seed)
-    return load_folder(args.data, task, size, channels, val_fraction=args.val_fraction, seed=args.seed,
-                       num_classes=getattr(args, "num_classes", None))
+def load_dense_data(task: str, data: str, *, image_size: int, in_channels: int, num_train: int = 1000,
+                    num_val: int = 200, val_fraction: float = 0.2, seed: int = 0,
+                    num_classes: int | None = None) -> DenseData:
+    """`data` 'synthetic' (`num_train` / `num_val` generated images) or a folder, for `task`."""
+    if data == "synthetic":
+        if num_train < 1 or num_val < 1:
+            raise DataError(f"--num-train {num_train} / --num-val {num_val}: use at least 1 each")
+        return synthetic(task, image_size, in_channels, num_train, num_val, seed)
+    return load_folder(data, task, image_size, in_channels, val_fraction=val_fraction, seed=seed,
+                       num_classes=num_classes)

@@ -17,8 +17,9 @@ patch tokens are computed once per image, without augmentation, and only the dec
 
 Each level's tokens are standardised with the train set's per-channel mean and std (an affine
 change the decoder could learn, but it makes Adam's step size meaningful for features of any scale).
-Training: optax AdamW (weight decay 1e-4) with global-norm clip 1.0, linear warm-up over 5% of the
-steps then cosine decay to 0; random mini-batches of the cached tokens, batch s = f(seed, s).
+Training (`common.fit_head`): AdamW (weight decay 1e-4 on kernels) with global-norm clip 1.0, linear
+warm-up over 5% of the steps then cosine decay to 0; random mini-batches of the cached tokens,
+batch s = f(seed, s).
 
 Losses: segmentation = mean per-pixel softmax cross-entropy over pixels whose label != 255.
 Depth: the decoder predicts log-depth (positive depth by construction; errors are relative, so
@@ -36,7 +37,9 @@ max(d / d*, d* / d) < 1.25^k.
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,11 +50,15 @@ import numpy as np
 import optax
 from einops import rearrange
 from flax import nnx
-from jax.flatten_util import ravel_pytree
-from tqdm.auto import tqdm
 
+from vit22b.image_files import normalise
 from vit22b.model import ViT
-from vit22b.tasks.dense_data import IGNORE, normalise
+from vit22b.tasks import common
+from vit22b.tasks.common import TaskError
+from vit22b.tasks.dense_data import IGNORE, DenseData, load_dense_data
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+PostFn = Callable[[jax.Array], jax.Array]
 
 
 # ----------------------------------------------------------------------------- frozen tokens
@@ -77,22 +84,9 @@ def token_fn(model: ViT, layers: tuple[int, ...]) -> Callable[[jax.Array], jax.A
 
 def extract_tokens(model: ViT, images: np.ndarray, layers: tuple[int, ...], batch_size: int,
                    progress: bool = False, desc: str = "tokens") -> np.ndarray:
-    """Tokens of uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]; the last batch is padded so that
-    one compiled shape serves all."""
-    fn, out = token_fn(model, layers), []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = normalise(images[start:start + batch_size])
-        pad = batch_size - len(chunk)
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-        out.append(np.asarray(fn(chunk), np.float32)[:batch_size - pad])
-    return np.concatenate(out)
-
-
-def standardise(train: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """Per level and channel, with the train tokens' mean and std over (examples, rows, cols)."""
-    mean = train.mean(axis=(0, 2, 3), keepdims=True)
-    std = train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-    return [(x - mean) / std for x in (train, *others)], {"mean": mean[0], "std": std[0]}
+    """Tokens of uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]."""
+    return common.apply_batched(token_fn(model, layers), images, batch_size, prepare=normalise,
+                                dtype=np.float32, progress=progress, desc=desc)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -131,7 +125,7 @@ class DPTDecoder(nnx.Module):
     def __init__(self, width: int, levels: int, out: int, image_size: int, *, features: int = 32,
                  rngs: nnx.Rngs):
         if not 1 <= levels <= len(self.FACTORS):
-            raise ValueError(f"the DPT decoder takes 1 to 4 token levels, got {levels}: pass <= 4 --layers")
+            raise TaskError(f"the DPT decoder takes 1 to 4 token levels, got {levels}: pass <= 4 --layers")
         self.image_size, f = image_size, features
         self.factors = self.FACTORS[:levels]
         self.project = nnx.List([nnx.Linear(width, f, rngs=rngs) for _ in self.factors])
@@ -178,7 +172,7 @@ def make_decoder(kind: str, width: int, levels: int, out: int, image_size: int, 
         build = lambda: DPTDecoder(width, levels, out, image_size, features=features,  # noqa: E731
                                    rngs=nnx.Rngs(0))
     else:
-        raise ValueError(f"unknown decoder {kind!r}: use 'linear' or 'dpt'")
+        raise TaskError(f"unknown decoder {kind!r}: use 'linear' or 'dpt'")
     graphdef, state = nnx.split(nnx.eval_shape(build), nnx.Param)
     rng = np.random.default_rng([seed, 3])
 
@@ -213,7 +207,7 @@ def depth_loss(log_pred: jax.Array, depth: jax.Array, kind: str = "l1log") -> ja
     if kind == "silog":
         mean = jnp.sum(g) / n
         return jnp.sqrt(jnp.maximum(jnp.sum(g * g) / n - 0.85 * mean ** 2, 1e-12))
-    raise ValueError(f"unknown depth loss {kind!r}: use 'l1log' or 'silog'")
+    raise TaskError(f"unknown depth loss {kind!r}: use 'l1log' or 'silog'")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -248,62 +242,30 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- training
-def fit_decoder(decoder: nnx.Module, tokens: np.ndarray, targets: np.ndarray,
-                loss_fn: Callable[[jax.Array, jax.Array], jax.Array], *, steps: int, batch_size: int,
-                lr: float, seed: int = 0, wd: float = 1e-4, progress: bool = False, desc: str = "decoder"
-                ) -> tuple[nnx.Module, list[float]]:
+def fit_decoder(decoder: nnx.Module, tokens: np.ndarray, targets: np.ndarray, loss_fn: LossFn, *, steps: int,
+                batch_size: int, lr: float, seed: int = 0, wd: float = 1e-4, progress: bool = False,
+                desc: str = "decoder") -> tuple[nnx.Module, np.ndarray]:
     """Train `decoder` on cached tokens [N, L, g, g, D] -> loss_fn(decoder(tokens), targets); returns the
     trained decoder and the loss of every step."""
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"--steps {steps} and --batch-size {batch_size} must be positive")
+        raise TaskError(f"--steps {steps} and --batch-size {batch_size} must be positive")
     batch_size = min(batch_size, len(tokens))
-    graphdef, state = nnx.split(decoder, nnx.Param)
-    # One flat parameter vector: AdamW and the clip are elementwise / global, so this is the same update
-    # as on the tree, but XLA compiles the optimiser for 1 array instead of ~40 (seconds on CPU).
-    params, unravel = ravel_pytree(state)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=wd))
-
-    def loss_of(p: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
-        return loss_fn(nnx.merge(graphdef, unravel(p))(x), y)
-
-    @jax.jit
-    def step(p: Any, opt: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_of)(p, x, y)
-        updates, opt = tx.update(grads, opt, p)
-        return optax.apply_updates(p, updates), opt, loss
-
-    opt, losses = tx.init(params), []
-    rng = np.random.default_rng([seed, 2])
-    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for s in range(steps):
-            idx = np.sort(rng.choice(len(tokens), batch_size, replace=False))
-            params, opt, loss = step(params, opt, tokens[idx], targets[idx])
-            losses.append(loss)
-            bar.update(1)
-            if (s + 1) % 25 == 0 or s + 1 == steps:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-    losses = [float(v) for v in jax.device_get(losses)]
-    if not np.isfinite(losses[-1]):
-        raise ValueError(f"the decoder's loss became {losses[-1]}: lower --lr")
-    return nnx.merge(graphdef, unravel(params)), losses
-
-
-def predict(decoder: nnx.Module, tokens: np.ndarray, batch_size: int,
-            post: Callable[[jax.Array], jax.Array]) -> np.ndarray:
-    """post(decoder(tokens)) over [N, ...] tokens in batches (the last padded: one compiled shape)."""
     graphdef, params = nnx.split(decoder, nnx.Param)
-    fn = jax.jit(lambda p, x: post(nnx.merge(graphdef, p)(x)))
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-        out.append(np.asarray(fn(params, chunk))[:batch_size - pad])
-    return np.concatenate(out)
+    rng = np.random.default_rng([seed, 2])
+    idx = np.stack([np.sort(rng.choice(len(tokens), batch_size, replace=False)) for _ in range(steps)])
+
+    def batches(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        # gathered on the host a chunk at a time: the cached tokens can outgrow an accelerator
+        return tokens[idx[start:stop]], targets[idx[start:stop]]
+
+    def loss_of(p: Any, _: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return loss_fn(nnx.merge(graphdef, p)(batch[0]), batch[1])
+
+    params, losses = common.fit_head(loss_of, params, inputs=batches, steps=steps, lr=lr, wd=wd, clip=1.0,
+                                     progress=progress, desc=desc)
+    return nnx.merge(graphdef, params), losses
 
 
-# ----------------------------------------------------------------------------- command plumbing
 def decoder_layers(model: ViT, decoder: str, layers: str | None) -> tuple[int, ...]:
     """() (the final `encoded` tokens) for 'linear'; the --layers blocks (default `dpt_layers`) for 'dpt'."""
     depth = model.cfg.depth
@@ -316,53 +278,88 @@ def decoder_layers(model: ViT, decoder: str, layers: str | None) -> tuple[int, .
     except ValueError:
         chosen = ()
     if not chosen or len(chosen) > 4 or any(not 0 <= i < depth for i in chosen):
-        raise ValueError(f"--layers {layers!r}: give 1 to 4 comma-separated block indices in 0..{depth - 1} "
-                         f"(the checkpoint has {depth} blocks), e.g. {','.join(map(str, dpt_layers(depth)))}")
+        raise TaskError(f"--layers {layers!r}: give 1 to 4 comma-separated block indices in 0..{depth - 1} "
+                        f"(the checkpoint has {depth} blocks), e.g. {','.join(map(str, dpt_layers(depth)))}")
     return tuple(sorted(set(chosen)))
 
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+def fit_dense(model: ViT, data: DenseData, out_channels: int, loss_fn: LossFn, post: PostFn, *,
+              kind: str = "dpt", layers: str | None = None, features: int = 32, steps: int = 600,
+              batch_size: int = 16, extract_batch: int = 128, lr: float | None = None, seed: int = 0,
+              progress: bool = False, desc: str = "dense") -> tuple[nnx.Module, np.ndarray, dict[str, Any]]:
+    """Frozen tokens -> standardise -> train a `kind` decoder -> post(decoder(val tokens)).
+    Returns (decoder, val predictions, {"layers", "stats", "losses", "lr"})."""
+    blocks = decoder_layers(model, kind, layers)
+    tr = extract_tokens(model, data.train_images, blocks, extract_batch, progress, f"{desc} train tokens")
+    va = extract_tokens(model, data.val_images, blocks, extract_batch, progress, f"{desc} val tokens")
+    (tr, va), (mean, std) = common.standardise(tr, va, axes=(0, 2, 3))  # per level and channel
+    lr = lr if lr is not None else (1e-2 if kind == "linear" else 3e-3)
+    decoder = make_decoder(kind, model.cfg.width, tr.shape[1], out_channels, model.cfg.image_size,
+                           features=features, seed=seed)
+    decoder, losses = fit_decoder(decoder, tr, data.train_targets, loss_fn, steps=steps,
+                                  batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                                  desc=f"{desc} {kind}")
+    info = {"layers": list(blocks) or ["encoded"], "stats": {"mean": mean, "std": std}, "losses": losses,
+            "lr": lr}
+    return decoder, common.predict(decoder, va, extract_batch, post=post, dtype=None), info
 
 
-def train_head(args: Any, model: ViT, train_images: np.ndarray, train_targets: np.ndarray,
-               val_images: np.ndarray, out_channels: int, loss_fn: LossFn,
-               post: Callable[[jax.Array], jax.Array], task: str) -> tuple[nnx.Module, np.ndarray, dict]:
-    """Frozen tokens -> standardise -> train the --decoder -> post(decoder(val tokens)).
-    Returns (decoder, val predictions, {"layers", "stats", "losses"})."""
-    layers = decoder_layers(model, args.decoder, args.layers)
-    progress = not args.no_progress
-    tr = extract_tokens(model, train_images, layers, args.extract_batch, progress, f"{task} train tokens")
-    va = extract_tokens(model, val_images, layers, args.extract_batch, progress, f"{task} val tokens")
-    (tr, va), stats = standardise(tr, va)
-    lr = args.lr if args.lr is not None else (1e-2 if args.decoder == "linear" else 3e-3)
-    decoder = make_decoder(args.decoder, model.cfg.width, tr.shape[1], out_channels, model.cfg.image_size,
-                           features=args.features, seed=args.seed)
-    decoder, losses = fit_decoder(decoder, tr, train_targets, loss_fn, steps=args.steps,
-                                  batch_size=args.batch_size, lr=lr, seed=args.seed, progress=progress,
-                                  desc=f"{task} {args.decoder}")
-    return decoder, predict(decoder, va, args.extract_batch, post), {
-        "layers": list(layers) or ["encoded"], "stats": stats, "losses": losses, "lr": lr}
+# ----------------------------------------------------------------------------- command plumbing
+def add_dense_args(p: argparse.ArgumentParser, task: str) -> None:
+    """The arguments `vit22b segment` and `vit22b depth` share."""
+    target = "masks/<stem>.png" if task == "segment" else "depth/<stem>.npy|png"
+    common.add_backbone_args(p, data="synthetic", data_help=f"'synthetic' (generated, exact labels) or a "
+                             f"folder with images/ and {target} (or train/ and val/ sub-folders laid out so)")
+    p.add_argument("--num-train", type=int, default=1000, help="synthetic train images")
+    p.add_argument("--num-val", type=int, default=200, help="synthetic val images")
+    p.add_argument("--decoder", choices=["linear", "dpt"], default="dpt",
+                   help="linear: per-patch linear + bilinear upsampling; dpt: multi-layer conv decoder")
+    p.add_argument("--layers", default=None,
+                   help="dpt: comma-separated block indices (default 4 evenly spaced, ending at the last)")
+    p.add_argument("--features", type=int, default=32, help="dpt decoder channels")
+    p.add_argument("--steps", type=int, default=600, help="decoder training steps")
+    p.add_argument("--batch-size", type=int, default=16, help="decoder training batch")
+    p.add_argument("--extract-batch", type=int, default=128, help="frozen-feature extraction batch")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default 3e-3 dpt, 1e-2 linear)")
+    p.add_argument("--seed", type=int, default=0, help="data generation, split, init and batches")
+    p.add_argument("--workdir", default=None, help="writes <task>.json and <task>_decoder.safetensors here")
 
 
-def save_decoder(path: Path, decoder: nnx.Module, stats: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Decoder params (nnx path names joined by '/') + the token standardisation, meta as JSON metadata."""
-    from safetensors.numpy import save_file
-
-    from vit22b.weights import flatten
-
-    flat = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(decoder, nnx.Param))).items()}
-    flat.update({f"token_{k}": np.asarray(v, np.float32) for k, v in stats.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(path), metadata={"vit22b_dense": json.dumps(meta)})
-
-
-def write_dense_results(results: dict[str, Any], args: Any, task: str, decoder: nnx.Module,
-                        stats: dict[str, np.ndarray]) -> Path:
-    """JSON to --out, else WORKDIR/<task>.json, else CHECKPOINT/<task>.json; the decoder to the workdir."""
+def cmd_dense(args: argparse.Namespace, task: str, head: Callable[[DenseData], tuple[int, LossFn, PostFn]],
+              evaluate: Callable[[DenseData, np.ndarray], tuple[dict[str, Any], str]]) -> int:
+    """The body `vit22b segment` and `vit22b depth` share: load the backbone and the data, fit the
+    decoder that head(data) = (out channels, loss, post-processing) defines, then write what
+    evaluate(data, val predictions) = (metrics, summary) reports."""
+    t0 = time.time()
+    model = common.load_backbone(args.checkpoint, args.image_size)
+    data = load_dense_data(task, args.data, image_size=model.cfg.image_size,
+                           in_channels=model.cfg.in_channels,
+                           num_train=args.num_train, num_val=args.num_val, val_fraction=args.val_fraction,
+                           seed=args.seed, num_classes=getattr(args, "num_classes", None))
+    out_channels, loss_fn, post = head(data)
+    decoder, pred, info = fit_dense(model, data, out_channels, loss_fn, post, kind=args.decoder,
+                                    layers=args.layers, features=args.features, steps=args.steps,
+                                    batch_size=args.batch_size, extract_batch=args.extract_batch, lr=args.lr,
+                                    seed=args.seed, progress=not args.no_progress, desc=task)
+    metrics, summary = evaluate(data, pred)
+    losses = info["losses"]
+    results: dict[str, Any] = {
+        "task": task, "checkpoint": str(args.checkpoint), "data": data.name, "image_size": data.image_size,
+        "patch_size": model.cfg.patch_size, "grid_size": model.cfg.grid_size, "decoder": args.decoder,
+        "layers": info["layers"], "features": args.features if args.decoder == "dpt" else None,
+        "train_examples": len(data.train_images), "val_examples": len(data.val_images),
+        "steps": args.steps, "batch_size": args.batch_size, "lr": info["lr"], "seed": args.seed,
+        "first_train_loss": float(losses[0]), "final_train_loss": float(np.mean(losses[-10:])), **metrics,
+        "seconds": round(time.time() - t0, 2)}
     if args.workdir:
-        save_decoder(Path(args.workdir) / f"{task}_decoder.safetensors", decoder, stats,
-                     {k: results[k] for k in ("task", "decoder", "layers", "features", "image_size")})
-    out = Path(args.out or Path(args.workdir or args.checkpoint) / f"{task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    return out
+        # the decoder's params (nnx path names) + the token standardisation, its config as metadata
+        meta = {k: results[k] for k in ("task", "decoder", "layers", "features", "image_size")}
+        tensors = {**nnx.to_pure_dict(nnx.state(decoder, nnx.Param)),
+                   "token_mean": info["stats"]["mean"], "token_std": info["stats"]["std"]}
+        common.save_head(Path(args.workdir) / f"{task}_decoder.safetensors", tensors,
+                         {"vit22b_dense": json.dumps(meta)})
+    path = common.results_path(task, checkpoint=args.checkpoint, out=args.out, workdir=args.workdir)
+    layers = ",".join(map(str, info["layers"]))
+    return common.finish(results, path, f"{task} ({args.decoder} on {layers}, {data.image_size} px) "
+                         f"{summary}; train loss {losses[0]:.3f} -> {results['final_train_loss']:.3f} in "
+                         f"{args.steps} steps, {results['seconds']:.0f} s")

@@ -17,13 +17,12 @@ Reported: accuracy per (shots, lambda, seed) and mean/std over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import numpy as np
 
 from vit22b.data import DataError
-from vit22b.tasks.probe import add_common_args, batch_fn, load_task, run_batches, write_results
+from vit22b.tasks import common
 
 BIAS_CONSTANT = 100.0
 
@@ -96,32 +95,33 @@ def run_fewshot(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    model, dataset = load_task(args)
+    model, dataset, adaptation = common.load_task(checkpoint=args.checkpoint, data=args.data,
+                                                  image_size=args.image_size, val_data=args.val_data,
+                                                  val_fraction=args.val_fraction)
     for k in args.shots:  # before the (slow) feature extraction
         sample_shots(dataset.train.labels, dataset.num_classes, k, args.seeds[0])
-    fn = batch_fn(model, args.feature)
+    fn = common.batch_fn(model, args.feature)
     progress = not args.no_progress
-    x_tr, y_tr = run_batches(fn, dataset, "train", args.batch_size, progress, f"{args.feature} train")
-    x_val, y_val = run_batches(fn, dataset, "val", args.batch_size, progress, f"{args.feature} val")
+    x_tr, y_tr = common.run_batches(fn, dataset, "train", args.batch_size, progress, f"{args.feature} train")
+    x_val, y_val = common.run_batches(fn, dataset, "val", args.batch_size, progress, f"{args.feature} val")
     table = run_fewshot(x_tr, y_tr, x_val, y_val, dataset.num_classes, args.shots, args.seeds, args.l2_reg)
     results = {"task": "fewshot", "checkpoint": str(args.checkpoint), "data": dataset.name,
                "image_size": dataset.image_size, "feature": args.feature,
                "feature_dim": int(x_tr.shape[1]), "val_examples": len(y_val), "seeds": args.seeds,
-               "l2_regs": args.l2_reg, "chance": 1.0 / dataset.num_classes, "accuracy": table}
-    out = write_results(results, args, "fewshot")
-    print(f"few-shot ridge regression on {args.feature} ({x_tr.shape[1]}-d), {len(y_val)} val images, "
-          f"seeds {args.seeds}:")
+               "l2_regs": args.l2_reg, "chance": 1.0 / dataset.num_classes, "accuracy": table,
+               "channel_adaptation": adaptation}
+    rows = [f"few-shot ridge regression on {args.feature} ({x_tr.shape[1]}-d), {len(y_val)} val images, "
+            f"seeds {args.seeds}:"]
     for shot, row in table.items():
         cells = ", ".join(f"{lam}: {100 * r['mean']:.2f} +- {100 * r['std']:.2f}%" for lam, r in row.items())
-        print(f"  {shot:>7}  {cells}")
-    print(f"-> {out}")
-    print(json.dumps(results, indent=2))
-    return 0
+        rows.append(f"  {shot:>7}  {cells}")
+    path = common.results_path("fewshot", checkpoint=args.checkpoint, out=args.out)
+    return common.finish(results, path, "\n".join(rows))
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("fewshot", help="big_vision closed-form ridge few-shot on frozen features")
-    add_common_args(p)
+    common.add_common_args(p)
     p.add_argument("--feature", default="pre_logits", help="pre_logits | encoded-mean | block_i-mean")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -2,7 +2,7 @@
 
 Protocol. The image tower is locked: features of every image are computed once from the
 checkpoint (`--feature`, `pre_logits` by default, as in `probe`) and standardised with the
-training images' mean and std. Only the text tower (`vit22b.text`: byte tokenizer + small pre-LN
+training images' mean and std. Only the text tower (`tasks.text`: byte tokenizer + small pre-LN
 transformer) is trained from scratch, together with, by default (`--image-head linear`), a learned
 linear projection of the frozen features into the joint space - LiT's "locked image, unlocked
 head" variant. `--image-head none` is LiT's fully locked "Lu" setting: the standardised feature
@@ -47,13 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.numpy import load_file
 
 from vit22b.data import DataError, load_image
-from vit22b.tasks.probe import add_common_args, batch_fn, load_task, run_batches
-from vit22b.text import TextConfig, encode_text, init_text_params, tokenize, trim
-from vit22b.weights import atomic_write, flatten, unflatten
+from vit22b.tasks import common
+from vit22b.tasks.common import TaskError
+from vit22b.tasks.text import TextConfig, encode_text, init_text_params, tokenize, trim
+from vit22b.weights import flatten, unflatten
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRAIN_TEMPLATES = ("a photo of the number {}", "a handwritten {}", "an image of a {}", "{}",
@@ -141,15 +141,12 @@ def batch_loss(params: dict, cfg: TextConfig, feats: jax.Array, tokens: jax.Arra
 
 def train_lit(params: dict, cfg: TextConfig, feats: np.ndarray, tokens: np.ndarray,
               choices: np.ndarray, *, steps: int, batch_size: int, lr: float = 1e-3,
-              wd: float = 1e-4, warmup: int = 0, seed: int = 0, progress: bool = True,
-              chunk: int = 50) -> tuple[dict, float]:
+              wd: float = 1e-4, warmup: int = 0, seed: int = 0, progress: bool = True) -> tuple[dict, float]:
     """Contrastive training on pairs p = (feats[p], tokens[choices[p, k]]), k uniform per step.
 
     feats [P, D] float, tokens [K, L] ids, choices [P, M] caption rows. Returns (params, mean loss
-    of the last chunk)."""
+    of the last 50 steps)."""
     n = len(feats)
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: train for at least 1 step")
     if not 2 <= batch_size <= n:
         raise DataError(f"--batch-size {batch_size} does not fit the {n} training pairs: a "
                         f"contrastive batch needs between 2 and {n} pairs")
@@ -158,36 +155,16 @@ def train_lit(params: dict, cfg: TextConfig, feats: np.ndarray, tokens: np.ndarr
     order = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:steps * batch_size]
     img_idx = order.reshape(steps, batch_size)
     txt_idx = choices[img_idx, rng.integers(0, choices.shape[1], img_idx.shape)]  # [S, B]
-    decay = jax.tree.map(lambda x: x.ndim >= 2, params)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps - 1), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, weight_decay=wd, mask=decay))
 
-    @jax.jit
-    def run(params: dict, opt_state: Any, feats: jax.Array, tokens: jax.Array, img: jax.Array,
-            txt: jax.Array) -> tuple[dict, Any, jax.Array]:
-        def step(carry: Any, idx: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
-            p, s = carry
-            loss, grads = jax.value_and_grad(batch_loss)(p, cfg, feats[idx[0]], tokens, idx[1])
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss
+    def loss_fn(p: dict, data: tuple[jax.Array, jax.Array], idx: tuple[jax.Array, jax.Array]) -> jax.Array:
+        feats, tokens = data
+        return batch_loss(p, cfg, feats[idx[0]], tokens, idx[1])
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (img, txt))
-        return params, opt_state, losses
-
-    opt_state = tx.init(params)
-    feats_d, tokens_d = jnp.asarray(feats, jnp.float32), jnp.asarray(trim(tokens))
-    last = float("nan")
-    with tqdm(total=steps, desc="lit", unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, steps, chunk):
-            sl = slice(start, min(start + chunk, steps))
-            params, opt_state, losses = run(params, opt_state, feats_d, tokens_d, img_idx[sl], txt_idx[sl])
-            last = float(jnp.mean(losses))
-            if not np.isfinite(last):
-                raise ValueError(f"non-finite LiT loss at step {sl.stop}: lower --lr")
-            bar.update(sl.stop - sl.start)
-            bar.set_postfix(loss=f"{last:.4f}")
-    return params, last
+    data = (jnp.asarray(feats, jnp.float32), jnp.asarray(trim(tokens)))
+    params, losses = common.fit_head(loss_fn, params, data=data, steps=steps, lr=lr, warmup=warmup, wd=wd,
+                                     inputs=lambda a, b: (img_idx[a:b], txt_idx[a:b]), clip=1.0,
+                                     progress=progress, desc="lit")
+    return params, float(np.mean(losses[-50:]))
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -249,14 +226,11 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
 def image_features(fn: Any, paths: list[str], image_size: int, in_channels: int, batch_size: int,
                    progress: bool) -> np.ndarray:
     """fn over image files in fixed-size batches (the last padded, so one compilation)."""
-    out = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="caption images", disable=not progress,
-                      leave=False):
-        images = np.stack([load_image(p, image_size, in_channels) for p in paths[start:start + batch_size]])
-        pad = batch_size - len(images)
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-        out.append(np.asarray(fn(images), np.float32)[:batch_size - pad])
-    return np.concatenate(out)
+    def load(chunk: list[str]) -> np.ndarray:
+        return np.stack([load_image(p, image_size, in_channels) for p in chunk])
+
+    return common.apply_batched(fn, paths, batch_size, prepare=load, dtype=np.float32, progress=progress,
+                                desc="caption images")
 
 
 def class_names(dataset: Any, arg: str | None) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
@@ -283,43 +257,39 @@ def parse_templates(arg: str | None, default: tuple[str, ...]) -> tuple[str, ...
     templates = tuple(t.strip() for t in arg.split("|") if t.strip())
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
-        raise ValueError(f"--templates {arg!r}: give '|'-separated templates, each with exactly one "
-                         "{} for the class name, e.g. 'a photo of a {}|the {}'")
+        raise TaskError(f"--templates {arg!r}: give '|'-separated templates, each with exactly one "
+                        "{} for the class name, e.g. 'a photo of a {}|the {}'")
     return templates
 
 
 # ----------------------------------------------------------------------------- saving
 def save_tower(workdir: Path, params: dict, cfg: TextConfig, mean: np.ndarray, std: np.ndarray,
                meta: dict[str, Any]) -> Path:
-    flat = {k: np.array(v, np.float32) for k, v in flatten(params).items()}  # copies keep 0-d shape
-    flat.update({"feature_mean": mean.astype(np.float32), "feature_std": std.astype(np.float32)})
-    path = workdir / WEIGHTS
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"text_config": cfg.to_json(),
-                                                                  "lit": json.dumps(meta)}))
-    return path
+    return common.save_head(workdir / WEIGHTS, {**params, "feature_mean": mean, "feature_std": std},
+                            {"text_config": cfg.to_json(), "lit": json.dumps(meta)})
 
 
 def load_tower(location: str | Path) -> tuple[dict, TextConfig, np.ndarray, np.ndarray, dict]:
     """(params, text config, feature mean, std, run metadata) from a `lit --workdir` dir."""
     path = Path(location) / WEIGHTS if Path(location).is_dir() else Path(location)
     if not path.is_file():
-        raise ValueError(f"no LiT text tower at {str(path)!r}: pass the --workdir of a finished "
-                         f"`vit22b lit` run (it holds {WEIGHTS})")
+        raise TaskError(f"no LiT text tower at {str(path)!r}: pass the --workdir of a finished "
+                        f"`vit22b lit` run (it holds {WEIGHTS})")
     try:
         flat = load_file(str(path))
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
         cfg, lit = TextConfig.from_json(meta["text_config"]), json.loads(meta["lit"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a LiT text tower ({e!r}): pass the --workdir of a "
-                         "finished `vit22b lit` run") from e
+        raise TaskError(f"{path} is not a LiT text tower ({e!r}): pass the --workdir of a "
+                        "finished `vit22b lit` run") from e
     mean, std = flat.pop("feature_mean"), flat.pop("feature_std")
     want = flatten(init_params(cfg, len(mean), lit["image_head"], lit["loss"], 0))
     bad = [k for k in want if k not in flat or flat[k].shape != want[k].shape] + \
         [k for k in flat if k not in want]
     if bad:
-        raise ValueError(f"{path}: tensor {bad[0]!r} is missing, unexpected or mis-shaped for its "
-                         "text config: the file is damaged or from another version; retrain")
+        raise TaskError(f"{path}: tensor {bad[0]!r} is missing, unexpected or mis-shaped for its "
+                        "text config: the file is damaged or from another version; retrain")
     return jax.tree.map(jnp.asarray, unflatten(flat)), cfg, mean, std, lit
 
 
@@ -335,30 +305,32 @@ def _label_captions(names: list[tuple[str, ...]], templates: tuple[str, ...], la
 def cmd_lit(args: argparse.Namespace) -> int:
     t0, progress = time.time(), not args.no_progress
     if args.zero_shot_only != (args.text_tower is not None):
-        raise ValueError("--zero-shot-only and --text-tower go together: pass both to evaluate a "
-                         "trained text tower, or neither (and --workdir) to train one")
+        raise TaskError("--zero-shot-only and --text-tower go together: pass both to evaluate a "
+                        "trained text tower, or neither (and --workdir) to train one")
     if not args.zero_shot_only and not args.workdir:
-        raise ValueError("--workdir is required to train: the text tower and lit.json go there")
+        raise TaskError("--workdir is required to train: the text tower and lit.json go there")
     saved = load_tower(args.text_tower) if args.text_tower else None
     feature = args.feature or (saved[4]["feature"] if saved else "pre_logits")
     if saved and feature != saved[4]["feature"]:
-        raise ValueError(f"the text tower at {args.text_tower} was trained on {saved[4]['feature']!r} "
-                         f"features, not {feature!r}: drop --feature or pass the same one")
-    model, dataset = load_task(args)
+        raise TaskError(f"the text tower at {args.text_tower} was trained on {saved[4]['feature']!r} "
+                        f"features, not {feature!r}: drop --feature or pass the same one")
+    model, dataset, adaptation = common.load_task(checkpoint=args.checkpoint, data=args.data,
+                                                  image_size=args.image_size, val_data=args.val_data,
+                                                  val_fraction=args.val_fraction)
     names, forms = class_names(dataset, args.class_names)
     digits = dataset.name == "digits"
     templates = parse_templates(args.templates, DIGIT_TEMPLATES if digits else GENERIC_TEMPLATES)
-    fn = batch_fn(model, feature)
-    x_val, y_val = run_batches(fn, dataset, "val", args.batch_size, progress, f"{feature} val")
+    fn = common.batch_fn(model, feature)
+    x_val, y_val = common.run_batches(fn, dataset, "val", args.batch_size, progress, f"{feature} val")
     results: dict[str, Any] = {"task": "lit", "checkpoint": str(args.checkpoint), "data": dataset.name,
                                "image_size": dataset.image_size, "feature": feature,
-                               "feature_dim": int(x_val.shape[1])}
+                               "feature_dim": int(x_val.shape[1]), "channel_adaptation": adaptation}
     if saved:
         params, cfg, mean, std, meta = saved
         if len(mean) != x_val.shape[1]:
-            raise ValueError(f"the text tower at {args.text_tower} was trained on {len(mean)}-d "
-                             f"features but {args.checkpoint}'s {feature!r} is {x_val.shape[1]}-d: "
-                             "use the checkpoint it was trained with")
+            raise TaskError(f"the text tower at {args.text_tower} was trained on {len(mean)}-d "
+                            f"features but {args.checkpoint}'s {feature!r} is {x_val.shape[1]}-d: "
+                            "use the checkpoint it was trained with")
         seen = meta.get("train_templates")
         results.update(text_tower=str(args.text_tower), trained=meta)
     else:
@@ -371,19 +343,19 @@ def cmd_lit(args: argparse.Namespace) -> int:
             pair_img = np.array([row[p] for p, _ in pairs])
             captions, choices, seen = [c for _, c in pairs], np.arange(len(pairs))[:, None], None
         else:
-            x_tr, y_tr = run_batches(fn, dataset, "train", args.batch_size, progress, f"{feature} train")
+            x_tr, y_tr = common.run_batches(fn, dataset, "train", args.batch_size, progress,
+                                            f"{feature} train")
             pair_img = np.arange(len(x_tr))
             seen = list(TRAIN_TEMPLATES if digits else GENERIC_TEMPLATES[:3])
             captions, choices = _label_captions(names, tuple(seen), y_tr)
-        mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+        (x_tr,), (mean, std) = common.standardise(x_tr)
         embed = args.embed_dim if args.image_head == "linear" else int(x_tr.shape[1])
         cfg = TextConfig(max_len=args.max_len, width=args.text_width, depth=args.text_depth,
                          num_heads=args.text_heads, mlp_dim=4 * args.text_width, embed_dim=embed,
                          pool=args.text_pool)
         params = init_params(cfg, int(x_tr.shape[1]), args.image_head, args.loss, args.seed)
         warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-        feats = ((x_tr - mean) / std)[pair_img]
-        params, loss = train_lit(params, cfg, feats, tokenize(captions, cfg.max_len), choices,
+        params, loss = train_lit(params, cfg, x_tr[pair_img], tokenize(captions, cfg.max_len), choices,
                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  wd=args.wd, warmup=warmup, seed=args.seed, progress=progress)
         meta = {"feature": feature, "image_head": args.image_head, "loss": args.loss,
@@ -400,28 +372,24 @@ def cmd_lit(args: argparse.Namespace) -> int:
     zimg = np.asarray(jax.jit(embed_images)(params, (x_val - mean) / std))
     results["zero_shot"] = zs = zero_shot(params, cfg, zimg, y_val, names, forms, templates, seen)
     results["seconds"] = time.time() - t0
-    outs = [Path(args.out)] if args.out else []
-    if not saved:
-        outs.append(Path(args.workdir) / "lit.json")
-    elif not outs:
-        tower = Path(args.text_tower)
-        outs.append((tower if tower.is_dir() else tower.parent) / "lit_zero_shot.json")
-    for out in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    tower = Path(args.text_tower or args.workdir)
+    tower = tower if tower.is_dir() else tower.parent
+    if args.out and not saved:  # a trained tower's lit.json stays beside it; --out gets a copy
+        common.write_json(tower / "lit.json", results)
     unseen = f", unseen-template ensemble {100 * zs['unseen_ensemble_top1']:.2f}%" \
         if "unseen_ensemble_top1" in zs else ""
-    print(f"LiT zero-shot top-1 {100 * zs['top1']:.2f}% on {zs['val_examples']} val images "
-          f"({len(templates)} templates x {len(forms)} form(s); best single prompt "
-          f"{100 * zs['best_single_top1']:.2f}%, mean {100 * zs['mean_single_top1']:.2f}%{unseen}; "
-          f"chance {100 * zs['chance']:.1f}%) in {results['seconds']:.0f} s -> {outs[-1]}")
-    return 0
+    path = common.results_path("lit_zero_shot" if saved else "lit", checkpoint=args.checkpoint, out=args.out,
+                               workdir=tower)
+    return common.finish(results, path, f"LiT zero-shot top-1 {100 * zs['top1']:.2f}% on "
+                         f"{zs['val_examples']} val images ({len(templates)} templates x {len(forms)} "
+                         f"form(s); best single prompt {100 * zs['best_single_top1']:.2f}%, mean "
+                         f"{100 * zs['mean_single_top1']:.2f}%{unseen}; chance {100 * zs['chance']:.1f}%) in "
+                         f"{results['seconds']:.0f} s")
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("lit", help="locked-image text tuning (LiT) + zero-shot top-1")
-    add_common_args(p)  # --batch-size is both the feature and the contrastive batch
+    common.add_common_args(p)  # --batch-size is both the feature and the contrastive batch
     p.add_argument("--workdir", default=None, help="where lit.safetensors + lit.json go")
     p.add_argument("--feature", default=None, help="frozen image feature (default pre_logits; "
                    "see `probe --feature`)")

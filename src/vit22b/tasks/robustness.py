@@ -20,7 +20,6 @@ much of the same images' miscalibration one scalar can absorb.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,8 @@ from scipy import ndimage, optimize
 from scipy.special import log_softmax, softmax
 
 from vit22b.data import DataError
-from vit22b.tasks.probe import add_common_args, load_task, run_batches, write_results
+from vit22b.tasks import common
+from vit22b.tasks.common import TaskError
 
 Shift = Callable[[np.ndarray], np.ndarray]
 
@@ -108,11 +108,13 @@ def held_out_calibration(logits: np.ndarray, labels: np.ndarray, seed: int = 0) 
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    model, dataset = load_task(args)
+    model, dataset, adaptation = common.load_task(checkpoint=args.checkpoint, data=args.data,
+                                                  image_size=args.image_size, val_data=args.val_data,
+                                                  val_fraction=args.val_fraction)
     cfg = model.cfg
     if not cfg.num_classes:
-        raise ValueError(f"{args.checkpoint} has no classifier (num_classes=0): robustness needs class "
-                         "logits; fine-tune a head first, or use `vit22b probe` / `vit22b fewshot`")
+        raise TaskError(f"{args.checkpoint} has no classifier (num_classes=0): robustness needs class "
+                        "logits; fine-tune a head first, or use `vit22b probe` / `vit22b fewshot`")
     if cfg.num_classes != dataset.num_classes:
         raise DataError(f"the checkpoint's classifier has {cfg.num_classes} classes but {dataset.name!r} "
                         f"has {dataset.num_classes}: evaluate on the data it was trained for")
@@ -120,27 +122,27 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     shifts = default_shifts()
     results: dict[str, Any] = {"task": "robustness", "checkpoint": str(args.checkpoint),
                                "data": dataset.name, "image_size": dataset.image_size,
-                               "val_examples": dataset.val_size, "shifts": {}}
+                               "val_examples": dataset.val_size, "shifts": {},
+                               "channel_adaptation": adaptation}
     for name, shift in shifts.items():
-        logits, labels = run_batches(logits_fn, dataset, "val", args.batch_size, not args.no_progress,
-                                     name, transform=shift)
+        logits, labels = common.run_batches(logits_fn, dataset, "val", args.batch_size, not args.no_progress,
+                                            name, transform=shift)
         acc = float(np.mean(logits.argmax(1) == labels))
         results["shifts"][name] = {"accuracy": acc, "ece": ece(softmax(logits, axis=1), labels)}
         if name == "identity":
             results["calibration"] = held_out_calibration(logits, labels)
-    out = write_results(results, args, "robustness")
-    print(f"robustness of {args.checkpoint} on {dataset.name} ({dataset.val_size} val images):")
+    rows = [f"robustness of {args.checkpoint} on {dataset.name} ({dataset.val_size} val images):"]
     for name, r in results["shifts"].items():
-        print(f"  {name:>13}: accuracy {100 * r['accuracy']:6.2f}%  ECE {r['ece']:.4f}")
+        rows.append(f"  {name:>13}: accuracy {100 * r['accuracy']:6.2f}%  ECE {r['ece']:.4f}")
     c = results["calibration"]
-    print(f"  calibration (identity; T fit on {c['fit_examples']} images, reported on the other "
-          f"{c['report_examples']}): ECE {c['ece']:.4f} -> {c['ece_scaled']:.4f}, NLL {c['nll']:.4f} -> "
-          f"{c['nll_scaled']:.4f} at temperature T={c['temperature']:.3f}  -> {out}")
-    print(json.dumps(results, indent=2))
-    return 0
+    rows.append(f"  calibration (identity; T fit on {c['fit_examples']} images, reported on the other "
+                f"{c['report_examples']}): ECE {c['ece']:.4f} -> {c['ece_scaled']:.4f}, "
+                f"NLL {c['nll']:.4f} -> {c['nll_scaled']:.4f} at temperature T={c['temperature']:.3f}")
+    return common.finish(results, common.results_path("robustness", checkpoint=args.checkpoint, out=args.out),
+                         "\n".join(rows))
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("robustness", help="accuracy under shifts + ECE before/after temperature")
-    add_common_args(p)
+    common.add_common_args(p)
     p.set_defaults(func=cmd_robustness)

@@ -8,8 +8,8 @@ ViViT factorised-encoder style):
    checkpoint once (eval preprocessing, no augmentation): `pre_logits` -> [clips, T, D], or token
    features (`encoded`, `stem`, `block_i`) -> [clips, T, P, D]; `<name>-mean` (mean over tokens)
    also works. The features are standardised per dimension with the train statistics.
-2. A temporal head is trained on them with softmax cross-entropy, AdamW (weight decay on matrices
-   only), linear warm-up (5%) + cosine decay, random minibatches without replacement:
+2. A temporal head is trained on them with softmax cross-entropy (`common.fit_head`: AdamW, weight
+   decay on matrices only, linear warm-up (5%) + cosine decay), random minibatches without replacement:
    - `mean`: average over time (and tokens) + a linear classifier (temporal average pooling; blind
      to frame order by construction);
    - `concat`: a linear classifier on the concatenated frames (order-aware, no weight sharing);
@@ -30,10 +30,8 @@ ViViT factorised-encoder style):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from functools import partial
 from typing import Any
 
 import jax
@@ -41,18 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from vit22b.features import feature_fn
 from vit22b.model import ViT
-from vit22b.tasks import probe
-from vit22b.tasks.video_data import (
-    ClipDataset,
-    clip_features,
-    load_clip_folder,
-    load_moving_digits,
-    standardise,
-)
+from vit22b.tasks import common
+from vit22b.tasks.common import TaskError, predict  # predict: a head's logits in batches
+from vit22b.tasks.video_data import ClipDataset, clip_features, load_clip_folder, load_moving_digits
 
 HEADS = ("mean", "concat", "transformer")
 Rng = np.random.Generator
@@ -157,11 +149,11 @@ class TransformerHead(nnx.Module):
                  depth: int = 1, num_heads: int = 4, mlp_dim: int | None = None, pool: str = "cls",
                  tokens: str = "frame"):
         if pool not in ("cls", "map"):
-            raise ValueError(f"--pool {pool!r}: use 'cls' or 'map'")
+            raise TaskError(f"--pool {pool!r}: use 'cls' or 'map'")
         if tokens not in ("frame", "joint"):
-            raise ValueError(f"--tokens {tokens!r}: use 'frame' or 'joint'")
+            raise TaskError(f"--tokens {tokens!r}: use 'frame' or 'joint'")
         if width % num_heads:
-            raise ValueError(f"--head-width {width} is not a multiple of --head-heads {num_heads}")
+            raise TaskError(f"--head-width {width} is not a multiple of --head-heads {num_heads}")
         T, D = feat_shape[0], feat_shape[-1]
         mlp_dim = mlp_dim or 4 * width
         self.pool = pool
@@ -215,79 +207,42 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed:
         return ConcatHead(rng, feat_shape, num_classes)
     if kind == "transformer":
         return TransformerHead(rng, feat_shape, num_classes, **transformer)
-    raise ValueError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
+    raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
 
 
 # ----------------------------------------------------------------------------- training
 def train_head(head: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 500,
                batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-4, seed: int = 0,
-               progress: bool = True, desc: str = "head", chunk: int = 50) -> tuple[nnx.Module, float]:
+               progress: bool = True, desc: str = "head") -> tuple[nnx.Module, float]:
     """Train `head` on features x [N, ...] / labels y [N]; returns (trained head, last loss).
-
-    Steps run inside jitted lax.scan chunks of `chunk` steps (the progress bar moves per chunk);
-    step s draws batch_size distinct examples with the key fold_in(key(seed), s)."""
+    Step s draws batch_size distinct examples with the key fold_in(key(seed), s)."""
     graphdef, params = nnx.split(head)
-    warmup = max(1, steps // 20)
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.adamw(sched, weight_decay=wd, mask=decay_mask)
-    opt = tx.init(params)
-    xs, ys = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
     n, b = len(y), min(batch_size, len(y))
     key = jax.random.key(seed)
 
-    def loss_fn(p: Any, xb: jax.Array, yb: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(xb), yb).mean()
+    def loss_fn(p: Any, data: tuple[jax.Array, jax.Array], s: jax.Array) -> jax.Array:
+        xs, ys = data
+        idx = jax.random.choice(jax.random.fold_in(key, s), n, (b,), replace=False)
+        logits = nnx.merge(graphdef, p)(xs[idx])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ys[idx]).mean()
 
-    @partial(jax.jit, static_argnums=5)
-    def run(p: Any, opt: Any, xs: jax.Array, ys: jax.Array, first: jax.Array, length: int):
-        def step(carry: Any, s: jax.Array) -> tuple[Any, jax.Array]:
-            p, opt = carry
-            idx = jax.random.choice(jax.random.fold_in(key, s), n, (b,), replace=False)
-            loss, grads = jax.value_and_grad(loss_fn)(p, xs[idx], ys[idx])
-            updates, opt = tx.update(grads, opt, p)
-            return (optax.apply_updates(p, updates), opt), loss
-
-        (p, opt), losses = jax.lax.scan(step, (p, opt), first + jnp.arange(length))
-        return p, opt, losses[-1]
-
-    loss = float("nan")
-    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for first in range(0, steps, chunk):
-            length = min(chunk, steps - first)
-            params, opt, last = run(params, opt, xs, ys, jnp.asarray(first), length)
-            loss = float(last)
-            if not np.isfinite(loss):
-                raise ValueError(f"non-finite loss at step {first + length}: lower --lr")
-            bar.update(length)
-            bar.set_postfix(loss=f"{loss:.4f}")
-    return nnx.merge(graphdef, params), loss
-
-
-def predict(head: nnx.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Logits [N, C] in batches (the last one padded, so one compiled shape)."""
-    graphdef, params = nnx.split(head)
-    fwd = jax.jit(lambda p, xb: nnx.merge(graphdef, p)(xb))
-    b = min(batch_size, len(x))
-    out = []
-    for i in range(0, len(x), b):
-        xb = x[i:i + b]
-        pad = np.zeros((b - len(xb), *x.shape[1:]), np.float32)
-        out.append(np.asarray(fwd(params, np.concatenate([xb, pad])))[:len(xb)])
-    return np.concatenate(out)
+    data = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
+    params, losses = common.fit_head(loss_fn, params, data=data, steps=steps, lr=lr, wd=wd, progress=progress,
+                                     desc=desc)
+    return nnx.merge(graphdef, params), float(losses[-1])
 
 
 # ----------------------------------------------------------------------------- features
 def frame_fn(model: ViT, name: str) -> Any:
     """Jitted frames [B, S, S, C] -> [B, D] (pre_logits, <x>-mean) or [B, P, D] (token features)."""
     if name == "pre_logits" or name.endswith("-mean"):
-        return probe.batch_fn(model, name)
+        return common.batch_fn(model, name)
     try:  # a token intermediate is valid exactly when its token mean is
-        base, _, layers = probe.parse_feature(model, name + "-mean")
-    except ValueError:
-        raise ValueError(f"--feature {name!r} is not one this model produces: use pre_logits, a token "
-                         f"feature ({', '.join(probe.TOKEN_FEATURES)}, block_0..block_"
-                         f"{model.cfg.depth - 1}) or its mean over tokens (<name>-mean)") from None
+        base, _, layers = common.parse_feature(model, name + "-mean")
+    except TaskError:
+        raise TaskError(f"--feature {name!r} is not one this model produces: use pre_logits, a token "
+                        f"feature ({', '.join(common.TOKEN_FEATURES)}, block_0..block_"
+                        f"{model.cfg.depth - 1}) or its mean over tokens (<name>-mean)") from None
     return feature_fn(model, base, layers)
 
 
@@ -297,14 +252,17 @@ def _reversal_free(labels: np.ndarray) -> np.ndarray:
     return (labels // 4) * 2 + (labels % 4) // 2
 
 
-def load_clips(args: argparse.Namespace, model: ViT) -> ClipDataset:
-    size, channels = model.cfg.image_size, model.cfg.in_channels
-    if args.data == "synthetic":
-        return load_moving_digits(size, channels, num_frames=args.num_frames, num_train=args.num_train,
-                                  num_val=args.num_val, seed=args.seed, digit_size=args.digit_size,
-                                  travel=args.travel, digit_groups=args.digit_groups)
-    return load_clip_folder(args.data, size, channels, num_frames=args.num_frames,
-                            val_fraction=args.val_fraction, seed=args.seed)
+def load_clips(data: str, *, image_size: int, in_channels: int, num_frames: int = 8, num_train: int = 2048,
+               num_val: int = 512, seed: int = 0, digit_size: int | None = None, travel: int | None = None,
+               digit_groups: int = 2, val_fraction: float = 0.2) -> ClipDataset:
+    """`data` 'synthetic' (generated moving digits; `num_train`, `num_val`, `digit_size`, `travel`,
+    `digit_groups`) or a clip folder (`val_fraction`)."""
+    if data == "synthetic":
+        return load_moving_digits(image_size, in_channels, num_frames=num_frames, num_train=num_train,
+                                  num_val=num_val, seed=seed, digit_size=digit_size, travel=travel,
+                                  digit_groups=digit_groups)
+    return load_clip_folder(data, image_size, in_channels, num_frames=num_frames, val_fraction=val_fraction,
+                            seed=seed)
 
 
 def cmd_video(args: argparse.Namespace) -> int:
@@ -312,15 +270,18 @@ def cmd_video(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.head.split(",") if k.strip()]
     for kind in kinds:
         if kind not in HEADS:
-            raise ValueError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
-    model = probe.load_backbone(args.checkpoint, args.image_size)
+            raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
+    model = common.load_backbone(args.checkpoint, args.image_size)
     fn = frame_fn(model, args.feature)
-    data = load_clips(args, model)
+    data = load_clips(args.data, image_size=model.cfg.image_size, in_channels=model.cfg.in_channels,
+                      num_frames=args.num_frames, num_train=args.num_train, num_val=args.num_val,
+                      seed=args.seed, digit_size=args.digit_size, travel=args.travel,
+                      digit_groups=args.digit_groups, val_fraction=args.val_fraction)
     progress = not args.no_progress
     t1 = time.time()
     x_tr, y_tr = clip_features(fn, data, "train", args.feature_batch_size, progress)
     x_val, y_val = clip_features(fn, data, "val", args.feature_batch_size, progress)
-    x_tr, x_val = standardise(x_tr, x_val)
+    (x_tr, x_val), _ = common.standardise(x_tr, x_val, axes=tuple(range(x_tr.ndim - 1)))  # per dimension
     t2 = time.time()
     results: dict[str, Any] = {
         "task": "video", "checkpoint": str(args.checkpoint), "data": data.name,
@@ -356,25 +317,19 @@ def cmd_video(args: argparse.Namespace) -> int:
                      + (f", up to reversal {100 * r['val_accuracy_up_to_reversal']:.2f}%"
                         if "val_accuracy_up_to_reversal" in r else "") + f"), {r['seconds']:.1f} s")
     results["seconds"]["total"] = time.time() - t0
-    out = probe.write_results(results, args, "video")
-    print(f"video classification on frozen {args.feature} features {list(x_tr.shape[1:])} of "
-          f"{data.name!r} ({len(y_tr)} train / {len(y_val)} val clips, {data.num_frames} frames, "
-          f"{data.num_classes} classes, chance {100 / data.num_classes:.1f}%) -> {out}")
-    print("\n".join(lines))
-    print(json.dumps(results, indent=2))
-    return 0
+    return common.finish(results, common.results_path("video", checkpoint=args.checkpoint, out=args.out),
+                         "\n".join(lines) + f"\nvideo classification on frozen {args.feature} features "
+                         f"{list(x_tr.shape[1:])} of {data.name!r} ({len(y_tr)} train / {len(y_val)} val "
+                         f"clips, {data.num_frames} frames, {data.num_classes} classes, chance "
+                         f"{100 / data.num_classes:.1f}%)")
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("video", help="video classification: temporal head on frozen per-frame "
                               "features; val top-1")
-    p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (generated moving digits) or a "
-                   "clip folder DIR/<class>/<clip> (or DIR/train + DIR/val); a clip is a folder of "
-                   "frames, a GIF/multi-frame image or a uint8 .npy [T, H, W, C]")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class (folders)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="frame size (default: the checkpoint's; another resamples the posemb)")
+    common.add_backbone_args(p, data="synthetic", data_help="'synthetic' (generated moving digits) or a "
+                             "clip folder DIR/<class>/<clip> (or DIR/train + DIR/val); a clip is a folder of "
+                             "frames, a GIF/multi-frame image or a uint8 .npy [T, H, W, C]")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per clip")
     p.add_argument("--num-train", type=int, default=2048, help="generated train clips")
     p.add_argument("--num-val", type=int, default=512, help="generated val clips")
@@ -398,8 +353,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (matrices only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature-batch-size", type=int, default=256, help="frames per forward pass")
-    p.add_argument("--out", default=None, help="results JSON (default CHECKPOINT/video.json)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_video)
 
 

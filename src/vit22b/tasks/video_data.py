@@ -20,7 +20,7 @@ files whose frames have different durations are sampled uniformly in time (`samp
 Frames are converted to the checkpoint's channels (RGB, or luma for 1-channel checkpoints, as
 data.load_image), their shorter side resized to the image size and centre-cropped.
 
-`clip_features` runs every frame of every clip once through the frozen checkpoint (`probe.load_backbone`).
+`clip_features` runs every frame of every clip once through the frozen checkpoint (`common.load_backbone`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import numpy as np
 from PIL import Image, ImageSequence
 from tqdm.auto import tqdm
 
-from vit22b.data import DataError, _digits_to_uint8, _normalise, _stratified_split
-from vit22b.image_files import IMAGE_EXTENSIONS
+from vit22b.data import DataError, _stratified_split
+from vit22b.image_files import IMAGE_EXTENSIONS, normalise
+from vit22b.tasks.common import apply_batched, digit_glyphs
 
 DIRECTIONS = ("right", "left", "down", "up")
 # direction -> (axis of the (y, x) position that moves, sign); right/left and down/up are reverses.
@@ -153,18 +154,6 @@ def moving_digit_classes(digit_groups: int = 2) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _digit_pools(digit_size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, val) (uint8 images [n, d, d], digit labels [n]), split as data.load_digits_dataset."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x_tr, x_val, y_tr, y_val = train_test_split(
-        digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
-    return ((_digits_to_uint8(x_tr, digit_size)[..., 0], y_tr),
-            (_digits_to_uint8(x_val, digit_size)[..., 0], y_val))
-
-
 def make_moving_digits(num_clips: int, pool: tuple[np.ndarray, np.ndarray], *, canvas: int,
                        num_frames: int, seed: int | tuple[int, ...], travel: int | None = None,
                        digit_groups: int = 2) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -216,9 +205,9 @@ def load_moving_digits(image_size: int, in_channels: int = 1, *, num_frames: int
         raise DataError(f"digit size {digit_size} on a {image_size}px canvas, {num_train} train / "
                         f"{num_val} val clips: use 1 <= --digit-size <= the image size and positive "
                         "--num-train / --num-val")
-    train_pool, val_pool = _digit_pools(digit_size)
     splits = []
-    for k, (n, pool) in enumerate(((num_train, train_pool), (num_val, val_pool))):
+    for k, (n, split) in enumerate(((num_train, "train"), (num_val, "val"))):
+        pool = digit_glyphs(split, digit_size)
         clips, labels, _ = make_moving_digits(n, pool, canvas=image_size, num_frames=num_frames,
                                               seed=(seed, k), travel=travel, digit_groups=digit_groups)
         splits.append(ClipSplit(labels, clips=np.repeat(clips[..., None], in_channels, axis=-1)))
@@ -378,17 +367,10 @@ def clip_features(fn: Callable[[np.ndarray], Any], data: ClipDataset, split: str
     total = len(data.split(split))
     with tqdm(total=total, desc=f"{split} features", unit="clip", disable=not progress, leave=False) as bar:
         for clips, lab in data.batches(split, per_batch):
-            frames = clips.reshape(-1, S, S, C)
-            pad = np.zeros((per_batch * T - len(frames), S, S, C), np.uint8)  # one compiled shape
-            out = np.asarray(fn(_normalise(np.concatenate([frames, pad]))), np.float32)
-            feats.append(out[:len(frames)].reshape(len(clips), T, *out.shape[1:]))
+            out = apply_batched(fn, clips.reshape(-1, S, S, C), per_batch * T, prepare=normalise,
+                                dtype=np.float32)  # the last batch padded to the one compiled shape
+            feats.append(out.reshape(len(clips), T, *out.shape[1:]))
             labels.append(lab)
             bar.update(len(clips))
     return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
 
-
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """Per-dimension (last axis) standardisation with the train mean / std over clips, frames, tokens."""
-    flat = train.reshape(-1, train.shape[-1])
-    mean, std = flat.mean(0), flat.std(0) + 1e-6
-    return [((x - mean) / std).astype(np.float32) for x in (train, *others)]

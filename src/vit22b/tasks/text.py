@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit22b.tasks.common import TaskError
+
 PAD, EOS, UNK, OFFSET = 0, 1, 2, 3
 VOCAB_SIZE = 256 + OFFSET
 Params = dict[str, Any]
@@ -41,7 +43,7 @@ def _utf8_prefix(data: bytes, n: int) -> bytes:
 def tokenize(texts: str | Sequence[str], max_len: int) -> np.ndarray:
     """Texts -> int32 ids [N, max_len]: bytes + 3, truncated to max_len - 1, eos, pad 0."""
     if max_len < 2:
-        raise ValueError(f"max_len={max_len}: need room for at least one byte and eos (>= 2)")
+        raise TaskError(f"max_len={max_len}: need room for at least one byte and eos (>= 2)")
     texts = [texts] if isinstance(texts, str) else list(texts)
     out = np.full((len(texts), max_len), PAD, np.int32)
     for i, text in enumerate(texts):
@@ -79,14 +81,14 @@ class TextConfig:
     def __post_init__(self) -> None:
         for name in ("max_len", "width", "depth", "num_heads", "mlp_dim", "embed_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"text tower {name}={getattr(self, name)}: must be positive")
+                raise TaskError(f"text tower {name}={getattr(self, name)}: must be positive")
         if self.max_len < 2:
-            raise ValueError(f"text max_len={self.max_len}: need >= 2 (one byte + eos)")
+            raise TaskError(f"text max_len={self.max_len}: need >= 2 (one byte + eos)")
         if self.width % self.num_heads:
-            raise ValueError(f"text width {self.width} is not divisible by {self.num_heads} heads: "
-                             "pick a width that is a multiple of the head count")
+            raise TaskError(f"text width {self.width} is not divisible by {self.num_heads} heads: "
+                            "pick a width that is a multiple of the head count")
         if self.pool not in ("eos", "mean"):
-            raise ValueError(f"text pool {self.pool!r}: use 'eos' or 'mean'")
+            raise TaskError(f"text pool {self.pool!r}: use 'eos' or 'mean'")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -152,8 +154,8 @@ def encode_text(params: Params, cfg: TextConfig, tokens: jax.Array) -> jax.Array
     result."""
     length = tokens.shape[-1]  # may be < max_len: all-pad tail columns cut off change nothing
     if length > cfg.max_len:
-        raise ValueError(f"tokens have length {length} but the text tower takes at most "
-                         f"{cfg.max_len}: tokenize with max_len={cfg.max_len}")
+        raise TaskError(f"tokens have length {length} but the text tower takes at most "
+                        f"{cfg.max_len}: tokenize with max_len={cfg.max_len}")
     mask = tokens != PAD  # [B, L]; eos counts as a real token (it is the CLIP pooling slot)
     x = params["token_embedding"][tokens] + params["pos_embedding"][None, :length]  # [B, L, W]
     for i in range(cfg.depth):
