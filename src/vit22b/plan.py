@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -191,9 +192,22 @@ def saved_per_layer(cfg: ModelConfig, b: int, m: int, remat: str) -> int:
     raise ConfigError(f"remat {remat!r}: the planner knows {REMATS}")
 
 
+def teacher_forward(teacher: ModelConfig, b: int, m: int) -> int:
+    """Bytes of a frozen teacher's forward at its peak, one layer's in-projection: the carry in
+    and out, the layer's in-kernel gathered over data (f32, and its dtype_mm cast), the normalised
+    input gathered over the model axis (f32 and cast) and the fused projection's f32 output.
+    Nothing is saved for a backward pass."""
+    d = _dims(teacher, b, m)
+    bT, s = d["b"] * d["T"], d["s"]
+    return (2 * bT * d["Dm"] * 4 + d["D"] * d["Hm"] * d["F"] * (4 + s) + bT * d["D"] * (4 + s)
+            + bT * d["Hm"] * d["F"] * 4)
+
+
 def memory(cfg: ModelConfig, batch: int, data: int, model: int, remat: str = "nothing_saveable",
-           optimizer: str = "adafactor", grad_accum: int = 1) -> dict[str, float]:
-    """Per-device bytes (see the module docstring for the formulas)."""
+           optimizer: str = "adafactor", grad_accum: int = 1,
+           teacher: ModelConfig | None = None) -> dict[str, float]:
+    """Per-device bytes (see the module docstring for the formulas); `teacher`: a distillation
+    step's frozen teacher (as it runs: dtype_mm set), whose f32 params are an input of the step."""
     check(cfg, batch, data, model, grad_accum)
     st = state_layout(cfg, optimizer, data, model)
     b = batch // (data * grad_accum)
@@ -206,8 +220,14 @@ def memory(cfg: ModelConfig, batch: int, data: int, model: int, remat: str = "no
     update = st["params"] + st["params"] + st["opt_state"]
     arguments = st["params"] + st["opt_state"] + inputs + 4  # + the int32 step counter
     temp = max(grads + saved + working, update)
-    return {"params": st["params"], "opt_state": st["opt_state"], "inputs": inputs,
-            "arguments": arguments, "grads": grads, "saved_activations": saved,
+    out = {"params": st["params"], "opt_state": st["opt_state"], "inputs": inputs}
+    if teacher is not None:
+        check(teacher, batch, data, model, grad_accum)
+        out["teacher_params"] = state_layout(teacher, "sgd", data, model)["params"]
+        out["teacher_forward"] = teacher_forward(teacher, b, model)
+        arguments += out["teacher_params"]
+        temp = max(temp, out["teacher_forward"])  # the teacher's temporaries are gone by then
+    return {**out, "arguments": arguments, "grads": grads, "saved_activations": saved,
             "working_activations": working, "update_phase": update, "temp": temp,
             "peak": arguments + temp}
 
@@ -219,7 +239,8 @@ def _bandwidth(hw: Hardware, axis_devices: int, stride: int) -> tuple[float, str
 
 
 def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
-                optimizer: str, grad_accum: int, hw: Hardware) -> list[dict[str, Any]]:
+                optimizer: str, grad_accum: int, hw: Hardware,
+                teacher: ModelConfig | None = None) -> list[dict[str, Any]]:
     """Bytes each device sends per step, per collective, and the time at its link's bandwidth."""
     st = state_layout(cfg, optimizer, data, model)
     s = WIRE_BYTES
@@ -243,24 +264,32 @@ def collectives(cfg: ModelConfig, batch: int, data: int, model: int, remat: str,
             ("grad_reduce_scatter", DATA, reduce_scatter * grad_accum, d_bw, d_where),
             ("grad_all_reduce", DATA, all_reduce * grad_accum, d_bw, d_where),
             ("model_activation_ag_rs", MODEL, per_layer * cfg.depth * grad_accum, m_bw, m_where)]
+    if teacher is not None:  # forward only: its gathers over data, one pair per layer over model
+        t_records = state_layout(teacher, "sgd", data, model)["records"]
+        t_fsdp = sum(r["bytes"] // 4 * s * (data - 1) for r in t_records if r["over_data"])
+        t_full = b * teacher.num_tokens * teacher.width * (model - 1) / model
+        rows += [("teacher_fsdp_all_gather", DATA, t_fsdp * grad_accum, d_bw, d_where),
+                 ("teacher_activation_ag_rs", MODEL, 2 * t_full * s * teacher.depth * grad_accum,
+                  m_bw, m_where)]
     return [{"name": n, "axis": a, "bytes": float(by), "bandwidth": bw, "link": w,
              "seconds": by / bw} for n, a, by, bw, w in rows if by > 0]
 
 
 def plan(cfg: ModelConfig, batch: int, data: int, model: int, hw: Hardware,
          remat: str = "nothing_saveable", optimizer: str = "adafactor",
-         grad_accum: int = 1) -> dict[str, Any]:
-    """Memory, FLOPs, collectives and the predicted step time / MFU of one configuration."""
+         grad_accum: int = 1, teacher: ModelConfig | None = None) -> dict[str, Any]:
+    """Memory, FLOPs, collectives and the predicted step time / MFU of one configuration;
+    `teacher`: of a distillation step (its forward counts as useful work)."""
     check(cfg, batch, data, model, grad_accum)
     cfg = cfg.replace(remat=remat)
     devices = data * model
     f = flops_per_image(cfg)
-    useful = f["train"] * batch
+    useful = (f["train"] + (flops_per_image(teacher)["forward"] if teacher else 0)) * batch
     recompute = f["encoder"] * batch if remat == "nothing_saveable" else 0
     t_compute = (useful + recompute) / devices / hw.peak_flops
-    comm = collectives(cfg, batch, data, model, remat, optimizer, grad_accum, hw)
+    comm = collectives(cfg, batch, data, model, remat, optimizer, grad_accum, hw, teacher)
     t_comm = sum(c["seconds"] for c in comm)
-    mem = memory(cfg, batch, data, model, remat, optimizer, grad_accum)
+    mem = memory(cfg, batch, data, model, remat, optimizer, grad_accum, teacher)
     tokens = batch * cfg.num_tokens
     out: dict[str, Any] = {
         "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads,
@@ -271,6 +300,9 @@ def plan(cfg: ModelConfig, batch: int, data: int, model: int, hw: Hardware,
         "flops": {"useful": useful, "remat_recompute": recompute,
                   "per_device": (useful + recompute) / devices},
         "collectives": comm, "t_compute": t_compute, "t_comm": t_comm}
+    if teacher is not None:
+        out["teacher"] = {"width": teacher.width, "depth": teacher.depth, "patch": teacher.patch_size,
+                          "image_size": teacher.image_size, "dtype_mm": teacher.dtype_mm}
     for mode, step in (("no_overlap", t_compute + t_comm), ("overlap", max(t_compute, t_comm))):
         out[mode] = {"step_seconds": step, "mfu": useful / (step * hw.peak_flops * devices),
                      "tokens_per_second_per_device": tokens / step / devices}
@@ -303,12 +335,15 @@ def search(cfg: ModelConfig, batch: int, devices: int, hw: Hardware, optimizer: 
 
 def format_plan(p: dict[str, Any]) -> str:
     mem, hw = p["memory_bytes"], p["hardware"]
+    teacher = p.get("teacher")
     lines = [f"{p['mesh']} mesh ({p['devices']} x {hw['name']}), batch {p['batch']}, remat "
-             f"{p['remat']}, {p['optimizer']}, grad_accum {p['grad_accum']}",
+             f"{p['remat']}, {p['optimizer']}, grad_accum {p['grad_accum']}"
+             + (f", distilling a {teacher['width']}w x {teacher['depth']}d teacher" if teacher else ""),
              "memory per device (GiB):"]
-    for k in ("params", "opt_state", "inputs", "grads", "saved_activations", "working_activations",
-              "update_phase", "temp", "peak"):
-        lines.append(f"  {k:<20} {mem[k] / GiB:9.3f}")
+    for k in ("params", "opt_state", "inputs", "teacher_params", "teacher_forward", "grads",
+              "saved_activations", "working_activations", "update_phase", "temp", "peak"):
+        if k in mem:
+            lines.append(f"  {k:<20} {mem[k] / GiB:9.3f}")
     lines.append(f"  HBM {hw['hbm_bytes'] / GiB:.1f} GiB: {'fits' if p['fits'] else 'DOES NOT FIT'}"
                  f" (<= {HEADROOM:.0%})")
     fl = p["flops"]
@@ -366,6 +401,24 @@ def _plan_config(args: argparse.Namespace) -> ModelConfig:
     return cfg.replace(**sizes)
 
 
+def _teacher_config(args: argparse.Namespace, student: ModelConfig) -> ModelConfig | None:
+    """`--teacher` (a preset or a model dir) as a distillation step runs it: forward only, its
+    matmuls in --teacher-dtype, at --teacher-image-size (default: the student's)."""
+    if args.teacher is None:
+        return None
+    if "/" in args.teacher and not Path(args.teacher).exists():
+        teacher = preset(args.teacher)
+    else:
+        from vit22b.weights import read_config
+
+        teacher = read_config(args.teacher)
+        if teacher is None:
+            raise ConfigError(f"--teacher {args.teacher}: no vit22b config there; give a preset")
+    return teacher.replace(image_size=args.teacher_image_size or student.image_size,
+                           num_classes=student.num_classes, in_channels=student.in_channels,
+                           dtype_mm=args.teacher_dtype, remat="none")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _plan_config(args)
     args.preset = args.preset or str(args.checkpoint)
@@ -388,7 +441,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mesh={args.mesh} fills from the device count: add --devices N")
     devices = args.devices or math.prod(sizes)
     data, model = parse_mesh(args.mesh, devices)
-    p = plan(cfg, args.batch, data, model, hw, args.remat, args.optimizer, args.grad_accum)
+    p = plan(cfg, args.batch, data, model, hw, args.remat, args.optimizer, args.grad_accum,
+             _teacher_config(args, cfg))
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
 
@@ -418,6 +472,11 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--search", type=int, default=None, metavar="DEVICES",
                    help="enumerate meshes, remat and grad_accum for DEVICES devices")
     p.add_argument("--top", type=int, default=8, help="--search: how many plans to print")
+    p.add_argument("--teacher", default=None, help="plan a distillation step: the frozen teacher, a "
+                   "preset (e.g. 22B/14) or a model dir; the positional preset is the student")
+    p.add_argument("--teacher-image-size", type=int, default=None, help="default: the student's")
+    p.add_argument("--teacher-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="the teacher's matmuls (its params are float32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     return p

@@ -83,8 +83,8 @@ class TrainConfig:
     init_from: str | None = None
     # Distillation (`vit22b distill`): a model dir whose logits on the same augmented view are the
     # targets. The teacher is a frozen input of the step, sharded by the same rule table as the
-    # student, forward only (no gradients, no optimizer state), its params and matmuls in
-    # `teacher_dtype`; a teacher of another resolution sees the batch resized to its own.
+    # student, forward only (no gradients, no optimizer state), its matmuls in `teacher_dtype`; a
+    # teacher of another resolution sees the batch resized to its own.
     teacher: str | None = None
     distill_temperature: float = 1.0
     distill_label_weight: float = 0.0  # a in (1 - a) * KL_t + a * CE(labels)
@@ -263,26 +263,31 @@ def teacher_config(cfg: TrainConfig) -> ModelConfig:
                            collective_matmul=student.collective_matmul)
 
 
-def load_teacher(cfg: TrainConfig, mesh: Mesh, *, abstract: bool = False) -> Teacher:
-    """The teacher's params in `teacher_dtype`, sharded by the same rule table as the student's
-    (each process builds only the slices its devices hold); `abstract`: shapes only."""
-    from vit22b.weights import fit_weights, flatten, read_weights, unflatten
-
-    tcfg = teacher_config(cfg)
-    model = abstract_model(tcfg)
+def abstract_teacher(teacher: ModelConfig, mesh: Mesh | Any) -> Teacher:
+    """The teacher's shapes placed by the student's rule table (nothing allocated): what
+    load_teacher fills, and what the planner and abstract compiles use."""
+    model = abstract_model(teacher)
     graphdef, expected = split_params(model)
     shardings = param_shardings(logical_axes(model), expected, mesh)
-    dtype = jnp.dtype(cfg.teacher_dtype)
-    if abstract:
-        params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
-                              expected, shardings)
-        return Teacher(tcfg, graphdef, params, shardings)
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          expected, shardings)
+    return Teacher(teacher, graphdef, params, shardings)
+
+
+def load_teacher(cfg: TrainConfig, mesh: Mesh) -> Teacher:
+    """The teacher's params, sharded by the same rule table as the student's: each process
+    builds only the slices its devices hold. They stay float32 like the student's (matmuls run in
+    teacher_dtype): bfloat16 storage would halve them, but XLA:CPU upcasts bfloat16 collectives to
+    float32 whole-stack, so its memory could not be checked against the planner here."""
+    from vit22b.weights import fit_weights, flatten, read_weights, unflatten
+
+    shapes = abstract_teacher(teacher_config(cfg), mesh)
     flat, _ = read_weights(cfg.teacher)
-    fitted = flatten(fit_weights(flat, expected))
-    shard = flatten(shardings)
-    params = unflatten({k: jax.make_array_from_callback(
-        v.shape, shard[k], lambda idx, v=v: np.asarray(v[idx], dtype)) for k, v in fitted.items()})
-    return Teacher(tcfg, graphdef, params, shardings)
+    fitted = flatten(fit_weights(flat, shapes.params))
+    shard = flatten(shapes.shardings)
+    params = unflatten({k: jax.make_array_from_callback(v.shape, shard[k], lambda idx, v=v: v[idx])
+                        for k, v in fitted.items()})
+    return dataclasses.replace(shapes, params=params)
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig,

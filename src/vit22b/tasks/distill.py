@@ -1,7 +1,7 @@
 """Knowledge distillation: a frozen teacher checkpoint -> a fresh student of any preset.
 
 Distillation is `vit22b train` with the teacher as a frozen input of the step (TrainConfig.teacher):
-sharded by the same rule table as the student, forward only, its params and matmuls in bfloat16
+sharded by the same rule table as the student, forward only, its matmuls in bfloat16
 (`--teacher-dtype`), no gradients and no optimizer state. Protocol (big_vision
 `trainers/proj/distill`, "patient and consistent" function matching, Beyer et al. 2022): each
 step draws ONE augmented batch and teacher and student both see that same view (resized to the
@@ -30,18 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vit22b.cli_args import (
-    add_model_flags,
-    add_run_flags,
-    check_train_args,
-    init_distributed,
-    model_overrides,
-    run_fields,
-)
+from vit22b.cli_args import add_model_flags, model_overrides
 from vit22b.config import ModelConfig, preset
-from vit22b.data import ImageDataset, load_dataset
+from vit22b.data import ImageDataset
 from vit22b.optim import OptimConfig
-from vit22b.tasks.finetune import FinetuneError, transfer_optim
+from vit22b.tasks.finetune import FinetuneError, add_transfer_flags, start_transfer, transfer_optim
 from vit22b.train import TrainConfig, train
 from vit22b.weights import read_config
 
@@ -85,53 +78,32 @@ def distill(teacher_checkpoint: str | Path, student_preset: str, dataset: ImageD
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    check_train_args(args)
-    init_distributed(args)
     teacher = read_config(args.teacher)
     if teacher is None:
         raise FinetuneError(f"teacher {args.teacher} carries no vit22b config")
-    dataset = load_dataset(args.data, args.image_size or teacher.image_size, val_path=args.val_data,
-                           val_fraction=args.val_fraction, seed=args.seed)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    optim = transfer_optim(args.optimizer, args.lr, warmup, args.clip, args.wd)
+    dataset, run = start_transfer(args, args.image_size or teacher.image_size)
     print(f"distilling {args.teacher} -> {args.student_preset} on {dataset.name} "
           f"(t={args.temperature}, label weight {args.label_weight}) -> {args.workdir}")
-    r = distill(args.teacher, args.student_preset, dataset, args.workdir, steps=args.steps,
-                batch_size=args.batch_size, temperature=args.temperature,
-                label_weight=args.label_weight, optim=optim, student_overrides=model_overrides(args),
-                teacher_dtype=args.teacher_dtype, augment=not args.no_augment, **run_fields(args))
-    print(f"student val accuracy {100 * r['student_val_accuracy']:.2f}% (teacher "
-          f"{100 * r['teacher_val_accuracy']:.2f}%) after {r['steps']} steps, {r['seconds']:.0f} s "
-          f"(results: {args.workdir}/distill.json)")
+    r = distill(args.teacher, args.student_preset, dataset, args.workdir,
+                temperature=args.temperature, label_weight=args.label_weight,
+                teacher_dtype=args.teacher_dtype, student_overrides=model_overrides(args), **run)
+    teacher_pct, student_pct = 100 * r["teacher_val_accuracy"], 100 * r["student_val_accuracy"]
+    print(f"student val accuracy {student_pct:.2f}% (teacher {teacher_pct:.2f}%) after {r['steps']} "
+          f"steps, {r['seconds']:.0f} s (results: {args.workdir}/distill.json)")
     return 0
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("distill", help="distil a teacher checkpoint into a fresh student "
                               "(`train` with a frozen teacher, any --mesh, resumable)")
-    p.add_argument("--teacher", required=True, help="model dir (model.safetensors + config.json)")
+    add_transfer_flags(p, "--teacher", ["adamw", "adafactor"], lr=3e-3, steps=500)
     p.add_argument("--student-preset", default="mu/4", help="any preset, e.g. mu/4, Ti/16, B/16")
-    p.add_argument("--data", default="digits", help="'digits', 'fashion-mnist', 'idx:DIR', a "
-                   "prepare-data directory or an image folder")
-    p.add_argument("--val-data", default=None)
-    p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=None, help="the student's (default: the "
                    "teacher's); the teacher sees each batch resized to its own")
-    p.add_argument("--workdir", required=True, help="run the same command again to resume")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="t (big_vision default 1)")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="a in (1-a)*KL + a*CE with the hard labels (0: pure distillation)")
     p.add_argument("--teacher-dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="the teacher's params and matmuls")
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
-                   help="adamw with --wd 0 is Adam")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=None, help="default 5%% of the steps")
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--wd", type=float, default=0.0)
-    p.add_argument("--no-augment", action="store_true")
-    add_run_flags(p)
+                   help="the teacher's matmuls (its params stay float32)")
     add_model_flags(p)
     p.set_defaults(func=cmd_distill)

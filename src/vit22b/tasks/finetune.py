@@ -108,20 +108,49 @@ def finetune(checkpoint: str | Path, dataset: ImageDataset, workdir: str | Path 
     return result
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def add_transfer_flags(p: argparse.ArgumentParser, source_flag: str, optimizers: list[str], lr: float,
+                       steps: int) -> None:
+    """The flags fine-tuning and distillation share: the source model (`source_flag`), data,
+    budget, transfer optimiser, and how the run executes (`vit22b train`'s --mesh, checkpoints,
+    resume...)."""
+    p.add_argument(source_flag, required=True, help="model dir (model.safetensors + config.json)")
+    p.add_argument("--data", default="digits", help="'digits', 'fashion-mnist', 'idx:DIR', a "
+                   "prepare-data directory or an image folder")
+    p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--workdir", required=True, help="run the same command again to resume")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=optimizers, default=optimizers[0],
+                   help="sgd: momentum 0.9 (big_vision transfer); adamw with --wd 0 is Adam")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="default 5%% of the steps")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--wd", type=float, default=0.0, help="decoupled weight decay (x lr)")
+    p.add_argument("--no-augment", action="store_true")
+    add_run_flags(p)
+
+
+def start_transfer(args: argparse.Namespace, image_size: int) -> tuple[ImageDataset, dict[str, Any]]:
+    """Checks the flags, joins the processes, reads the data: (data set, the keyword arguments of
+    `finetune`/`distill` that add_transfer_flags set)."""
     check_train_args(args)
     init_distributed(args)
-    source = source_config(args.checkpoint)
-    image_size = args.image_size or source.image_size
     dataset = load_dataset(args.data, image_size, val_path=args.val_data,
                            val_fraction=args.val_fraction, seed=args.seed)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     optim = transfer_optim(args.optimizer, args.lr, warmup, args.clip, args.wd)
+    return dataset, dict(steps=args.steps, batch_size=args.batch_size, optim=optim,
+                         augment=not args.no_augment, **run_fields(args))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    source = source_config(args.checkpoint)
+    dataset, run = start_transfer(args, args.image_size or source.image_size)
     print(f"fine-tuning {args.checkpoint} on {dataset.name} ({dataset.num_classes} classes, "
-          f"{image_size}px, {dataset.train_size} train / {dataset.val_size} val) -> {args.workdir}")
-    r = finetune(args.checkpoint, dataset, args.workdir, steps=args.steps,
-                 batch_size=args.batch_size, optim=optim, scratch=args.from_scratch,
-                 execution=model_overrides(args), augment=not args.no_augment, **run_fields(args))
+          f"{dataset.image_size}px, {dataset.train_size} train / {dataset.val_size} val) -> {args.workdir}")
+    r = finetune(args.checkpoint, dataset, args.workdir, scratch=args.from_scratch,
+                 execution=model_overrides(args), **run)
     print(f"val accuracy {100 * r['val_accuracy']:.2f}% after {r['steps']} steps, "
           f"{r['seconds']:.0f} s ({r['resolution']['from']} -> {r['resolution']['to']} px; "
           f"results: {args.workdir}/finetune.json)")
@@ -131,24 +160,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint to new classes/resolution "
                               "(`train` from the checkpoint, any --mesh, resumable)")
-    p.add_argument("--checkpoint", required=True, help="model dir (model.safetensors + config.json)")
-    p.add_argument("--data", default="digits", help="'digits', 'fashion-mnist', 'idx:DIR', a "
-                   "prepare-data directory or an image folder")
-    p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--workdir", required=True, help="run the same command again to resume")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=["sgd", "adafactor", "adamw"], default="sgd",
-                   help="sgd: momentum 0.9 (big_vision transfer)")
-    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=None, help="default 5%% of the steps")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--wd", type=float, default=0.0, help="decoupled weight decay (x lr)")
-    p.add_argument("--no-augment", action="store_true")
     p.add_argument("--from-scratch", action="store_true",
                    help="baseline: same model and budget, fresh init instead of the checkpoint")
-    add_run_flags(p)
+    add_transfer_flags(p, "--checkpoint", ["sgd", "adafactor", "adamw"], lr=0.03, steps=300)
     add_model_flags(p, only=EXECUTION_FIELDS)
     p.set_defaults(func=cmd_finetune)
