@@ -7,7 +7,6 @@ Every ModelConfig field is a flag (`--block sequential`, `--no-qk-norm`, `--norm
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -79,8 +78,8 @@ def _given(value: Any, default: Any) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vit22b.data import load_dataset
-    from vit22b.recipes import model_config_for, optim_config_for, recipe_for
-    from vit22b.train import TrainConfig, train
+    from vit22b.recipes import recipe_for, train_config_for
+    from vit22b.train import train
 
     check_train_args(args)  # before any work: a bad flag costs nothing and writes nothing
     init_distributed(args)
@@ -88,33 +87,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_fraction = _given(args.val_fraction, 0.1 if args.holdout == "train" else 0.2)
     dataset = load_dataset(args.data, _given(args.image_size, recipe.image_size), val_path=args.val_data,
                            val_fraction=val_fraction, seed=args.seed, holdout=args.holdout)
-    loss = _given(args.loss, recipe.loss)
-    if args.init:
-        if args.preset:
-            raise ConfigError("--init takes the model from the checkpoint: drop --preset (model "
-                              "flags such as --remat still apply on top)")
-        from vit22b.weights import read_config
-
-        init_cfg = read_config(args.init)
-        if init_cfg is None:
-            raise ConfigError(f"{args.init} carries no vit22b config: import it first (`vit22b import`)")
-        model_cfg = init_cfg.replace(image_size=dataset.image_size, in_channels=dataset.in_channels,
-                                     num_classes=dataset.num_classes, **model_overrides(args))
-    else:
-        model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, args.preset,
-                                     **model_overrides(args))
-    steps = _given(args.steps, recipe.steps)
     flags = {"optimizer": args.optimizer, "learning_rate": args.lr, "schedule": args.schedule,
              "warmup_steps": args.warmup, "cooldown_steps": args.cooldown, "timescale": args.timescale,
              "weight_decay": args.wd, "head_wd_mult": args.head_wd_mult, "grad_clip_norm": args.clip}
-    optim = optim_config_for(recipe, steps, **{k: v for k, v in flags.items() if v is not None})
-    name = Path(args.data.removeprefix("idx:")).name  # 'digits', 'fashion-mnist' or the folder's name
-    cfg = TrainConfig(model=model_cfg, optim=optim, workdir=args.workdir or f"workdirs/{name}",
-                      data=args.data, val_data=args.val_data, val_fraction=val_fraction,
-                      holdout=args.holdout, batch_size=_given(args.batch_size, recipe.batch_size),
-                      steps=steps, loss=loss, init_from=args.init,
-                      label_smoothing=_given(args.label_smoothing, recipe.label_smoothing),
-                      augment=not args.no_augment, **run_fields(args))
+    cfg = train_config_for(dataset, args.data, preset_name=args.preset, init_from=args.init,
+                           steps=args.steps, model=model_overrides(args),
+                           optim={k: v for k, v in flags.items() if v is not None},
+                           workdir=args.workdir, val_data=args.val_data, val_fraction=val_fraction,
+                           holdout=args.holdout, batch_size=args.batch_size, loss=args.loss,
+                           label_smoothing=args.label_smoothing, augment=not args.no_augment,
+                           **run_fields(args))
+    model_cfg = cfg.model
     print(f"training {args.init or args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
           f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from vit22b.config import ModelConfig, preset
+from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.data import ImageDataset
 from vit22b.optim import OptimConfig
+
+if TYPE_CHECKING:
+    from vit22b.train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +81,43 @@ def optim_config_for(recipe: Recipe, steps: int, **overrides: Any) -> OptimConfi
                   cooldown_steps=round(steps * recipe.cooldown_fraction) if cooldown is None else cooldown,
                   timescale=max(warmup, 1) if timescale is None else timescale)
     return OptimConfig(**(fields | overrides))
+
+
+def train_config_for(dataset: ImageDataset, data: str, *, preset_name: str | None = None,
+                     init_from: str | None = None, steps: int | None = None,
+                     model: dict[str, Any] | None = None, optim: dict[str, Any] | None = None,
+                     **fields: Any) -> TrainConfig:
+    """What `vit22b train --data DATA` runs, from Python: every field not given comes from the
+    data set's recipe (else the paper's), shaped to `dataset` (loaded by the caller, at the
+    recipe's `image_size` unless another is wanted). `model`: ModelConfig overrides (the model
+    flags); `optim`: OptimConfig overrides; `fields`: the other TrainConfig fields.
+
+        dataset = load_dataset("fashion-mnist", recipe_for("fashion-mnist").image_size)
+        train(train_config_for(dataset, "fashion-mnist"), dataset)
+    """
+    from vit22b.train import TrainConfig
+    from vit22b.weights import read_config
+
+    recipe = recipe_for(data)
+    loss = fields.pop("loss", None) or recipe.loss
+    shape = dict(image_size=dataset.image_size, in_channels=dataset.in_channels,
+                 num_classes=dataset.num_classes)
+    if init_from:
+        if preset_name:
+            raise ConfigError("--init takes the model from the checkpoint: drop --preset (model "
+                              "flags such as --remat still apply on top)")
+        start = read_config(init_from)
+        if start is None:
+            raise ConfigError(f"{init_from} carries no vit22b config: import it first (`vit22b import`)")
+        model_cfg = start.replace(**shape, **(model or {}))
+    else:
+        model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, preset_name,
+                                     **(model or {}))
+    steps = recipe.steps if steps is None else steps
+    name = Path(data.removeprefix("idx:")).name  # 'digits', 'fashion-mnist' or the folder's name
+    defaults = dict(workdir=f"workdirs/{name}", batch_size=recipe.batch_size,
+                    label_smoothing=recipe.label_smoothing)
+    given = {k: v for k, v in fields.items() if v is not None}
+    return TrainConfig(model=model_cfg, optim=optim_config_for(recipe, steps, **(optim or {})),
+                       data=data, steps=steps, loss=loss, init_from=init_from,  # type: ignore[arg-type]
+                       **(defaults | given))

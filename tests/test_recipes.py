@@ -1,0 +1,45 @@
+"""`train_config_for`: `vit22b train`'s policy from Python (recipes.py), against numbers fixed in
+advance: the paper's 10k/177k warm-up and 30k/177k cool-down, the digits recipe, the sigmoid head
+bias at the label prior."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vit22b.config import ConfigError
+from vit22b.data import load_digits_dataset
+from vit22b.recipes import train_config_for
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset(16)
+
+
+def test_digits_defaults_are_the_cli_defaults(digits):
+    cfg = train_config_for(digits, "digits")
+    assert (cfg.workdir, cfg.steps, cfg.batch_size, cfg.loss) == ("workdirs/digits", 1500, 128, "sigmoid")
+    o = cfg.optim
+    assert (o.optimizer, o.learning_rate, o.schedule) == ("adafactor", 3e-3, "rsqrt")
+    assert (o.warmup_steps, o.cooldown_steps, o.timescale) == (85, 254, 85)  # 1500 x 10/177, 30/177
+    assert (o.weight_decay, o.head_wd_mult) == (0.03, 100.0)
+    m = cfg.model
+    assert (m.width, m.depth, m.patch_size, m.image_size, m.num_classes) == (64, 4, 4, 16, 10)
+    assert m.head_bias_init == pytest.approx(-math.log(9))  # sigmoid: start at the label prior
+
+
+def test_overrides_and_run_length_scaling(digits):
+    cfg = train_config_for(digits, "digits", preset_name="mu/4", steps=354, loss="softmax",
+                           model={"remat": "none"}, optim={"learning_rate": 1e-2}, batch_size=64,
+                           workdir="w", label_smoothing=None)
+    assert (cfg.steps, cfg.batch_size, cfg.workdir, cfg.loss) == (354, 64, "w", "softmax")
+    assert (cfg.optim.warmup_steps, cfg.optim.cooldown_steps, cfg.optim.learning_rate) == (20, 60, 1e-2)
+    assert (cfg.model.width, cfg.model.remat, cfg.model.head_bias_init) == (32, "none", 0.0)
+    assert cfg.label_smoothing == 0.0  # None: the recipe's
+
+
+def test_init_and_preset_together_is_refused(digits):
+    with pytest.raises(ConfigError, match="drop --preset"):
+        train_config_for(digits, "digits", preset_name="mu/4", init_from="somewhere")
