@@ -2,6 +2,7 @@
 
     python bench/plan_validate.py [--out bench/results/plan_validation.json] [--only B/16]
     python bench/plan_validate.py --searches   # the paper's run and GPU clusters, no compiling
+    python bench/plan_validate.py --distill    # distillation steps (22B/14 teacher -> B/16 ...)
 
 `--searches` runs `vit22b plan 22B/14 --batch 65536 --search N` for TPUv4 at 256...4096 chips
 (the paper's chip count is unknown) against the paper's 54.9% MFU and 1.15k tokens/s per chip,
@@ -38,7 +39,13 @@ from vit22b.model import abstract_model, split_params  # noqa: E402
 from vit22b.optim import OptimConfig  # noqa: E402
 from vit22b.plan import HARDWARE, GiB, format_search, memory, search  # noqa: E402
 from vit22b.sharding import batch_sharding, make_mesh  # noqa: E402
-from vit22b.train import TrainConfig, make_train_step, state_shardings  # noqa: E402
+from vit22b.train import (  # noqa: E402
+    TrainConfig,
+    abstract_teacher,
+    distill_objective,
+    make_train_step,
+    state_shardings,
+)
 
 # (preset, image size, global batch, mesh, remat, optimizer, grad_accum, model overrides)
 CONFIGS: list[tuple[str, int, int, str, str, str, int, dict[str, Any]]] = [
@@ -87,6 +94,67 @@ def xla_memory(name: str, image: int, batch: int, mesh_spec: str, remat: str, op
             - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
 
 
+# Distillation steps: (teacher, student, batch, mesh); 224 px, teacher matmuls in bfloat16.
+DISTILL_CONFIGS: list[tuple[str, str, int, str]] = [
+    ("22B/14", "B/16", 64, "4x4"),  # the paper's distillation (ViT-22B -> ViT-B, 88.6% ImageNet)
+    ("22B/14", "B/16", 128, "8x2"),
+    ("22B/14", "L/16", 64, "4x4"),
+    ("L/14", "B/16", 64, "4x4"),
+]
+
+
+def xla_distill_memory(teacher_name: str, student_name: str, batch: int, mesh_spec: str
+                       ) -> dict[str, float]:
+    """The real distillation step (the student's train step with the distillation objective and
+    the teacher's f32 params as a frozen sharded input), compiled abstractly."""
+    student = preset(student_name, image_size=224)
+    teacher = preset(teacher_name, image_size=224, dtype_mm="bfloat16", remat="none")
+    cfg = TrainConfig(model=student, batch_size=batch, mesh=mesh_spec, teacher="<abstract>",
+                      loss="softmax")
+    data, model = (int(x) for x in mesh_spec.split("x"))
+    mesh = make_mesh(mesh_spec, jax.devices()[: data * model])
+    graphdef, tx, shardings = state_shardings(cfg, mesh)
+    _, params = split_params(abstract_model(student))
+
+    def spec(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    state = {"step": spec(jax.ShapeDtypeStruct((), jnp.int32), shardings["step"]),
+             "params": jax.tree.map(spec, params, shardings["params"]),
+             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), shardings["opt_state"])}
+    batch_in = {"image": jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
+                                              sharding=batch_sharding(mesh, 4)),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
+    frozen = abstract_teacher(teacher, mesh)
+    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size, cfg)
+    start = time.time()
+    with jax.set_mesh(mesh):
+        step = make_train_step(graphdef, tx, cfg, shardings, mesh, loss_fn=objective,
+                               frozen_shardings=frozen.shardings)
+        ma = step.jitted.lower(state, batch_in, frozen.params).compile().memory_analysis()
+    planned = memory(student, batch, data, model, teacher=teacher)
+    xla = {"arguments": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
+           "peak": ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+           - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
+    return {"teacher": teacher_name, "student": student_name, "batch": batch, "mesh": mesh_spec,
+            "planned_bytes": planned, "xla_bytes": xla,
+            **{f"{k}_rel_error": planned[k] / xla[k] - 1 for k in ("arguments", "temp", "peak")}}
+
+
+def distill_rows(out: str) -> None:
+    print("distillation steps, per-device GiB, planned vs XLA memory_analysis()")
+    rows = []
+    for teacher, student, batch, mesh_spec in DISTILL_CONFIGS:
+        r = xla_distill_memory(teacher, student, batch, mesh_spec)
+        rows.append(r)
+        print(f"{teacher} -> {student} batch {batch} mesh {mesh_spec}: " + ", ".join(
+            f"{k} {r['planned_bytes'][k] / GiB:.3f}/{r['xla_bytes'][k] / GiB:.3f} "
+            f"({r[f'{k}_rel_error']:+.1%})" for k in ("arguments", "temp", "peak")), flush=True)
+    Path(out).write_text(json.dumps({"description": __doc__, "jax": jax.__version__,
+                                     "platform": platform.platform(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
 PAPER = {"mfu": 0.549, "tokens_per_second_per_chip": 1150.0}  # vit22b-facts.md, section 2
 
 
@@ -114,9 +182,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/plan_validation.json")
     ap.add_argument("--only", default=None, help="run only configs of this preset")
     ap.add_argument("--searches", action="store_true", help="best meshes instead of validating")
+    ap.add_argument("--distill", action="store_true", help="validate distillation steps instead "
+                    "(teacher -> student), into bench/results/plan_validation_distill.json")
     args = ap.parse_args()
     if args.searches:
         return searches("bench/results/plan_searches.json")
+    if args.distill:
+        return distill_rows("bench/results/plan_validation_distill.json")
     rows = []
     head = (f"{'preset':<7}{'batch':>6} {'mesh':<5}{'remat':<17}{'opt':<10}{'acc':>3} {'extra':<11}"
             f"{'args plan/xla':>16} {'err':>6} {'temp plan/xla':>16} {'err':>6} "
