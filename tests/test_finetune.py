@@ -14,6 +14,7 @@ from vit22b.config import preset
 from vit22b.data import ImageDataset, Split, load_digits_dataset
 from vit22b.posemb import resample_posemb
 from vit22b.tasks import finetune as ft
+from vit22b.tasks.common import TaskError
 from vit22b.train import TrainConfig, init_state, train
 from vit22b.weights import flatten, save_model
 
@@ -88,7 +89,7 @@ def test_head_starts_at_zero_and_posemb_is_resampled(pretrained, digits16_04):
 def test_in_channel_mismatch_is_a_clear_error(tmp_path, digits16_04, random_params):
     cfg = preset("mu/4", image_size=8, in_channels=3, num_classes=10)
     save_model(tmp_path, random_params(cfg), cfg)
-    with pytest.raises(ft.FinetuneError, match="3-channel images but .* 1-channel"):
+    with pytest.raises(TaskError, match="3-channel images but .* 1-channel"):
         ft.finetune(tmp_path, digits16_04, None, steps=1, progress=False, mesh="1x1")
 
 

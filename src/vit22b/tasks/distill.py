@@ -34,7 +34,8 @@ from vit22b.cli_args import add_model_flags, model_overrides
 from vit22b.config import ModelConfig, preset
 from vit22b.data import ImageDataset
 from vit22b.optim import OptimConfig
-from vit22b.tasks.finetune import FinetuneError, add_transfer_flags, start_transfer, transfer_optim
+from vit22b.tasks.common import TaskError
+from vit22b.tasks.finetune import add_transfer_flags, start_transfer, transfer_optim
 from vit22b.train import TrainConfig, train
 from vit22b.weights import read_config
 
@@ -56,7 +57,7 @@ def distill(teacher_checkpoint: str | Path, student_preset: str, dataset: ImageD
     Without a `workdir` the run's files go to a temporary directory removed afterwards."""
     t0 = time.time()
     if read_config(teacher_checkpoint) is None:
-        raise FinetuneError(f"teacher {teacher_checkpoint} carries no vit22b config")
+        raise TaskError(f"teacher {teacher_checkpoint} carries no vit22b config")
     model = student_config(student_preset, dataset, **(student_overrides or {}))
     optim = optim or transfer_optim("adamw", 3e-3, max(1, steps // 20))
     with tempfile.TemporaryDirectory() as scratch_dir:
@@ -80,7 +81,7 @@ def distill(teacher_checkpoint: str | Path, student_preset: str, dataset: ImageD
 def cmd_distill(args: argparse.Namespace) -> int:
     teacher = read_config(args.teacher)
     if teacher is None:
-        raise FinetuneError(f"teacher {args.teacher} carries no vit22b config")
+        raise TaskError(f"teacher {args.teacher} carries no vit22b config")
     dataset, run = start_transfer(args, args.image_size or teacher.image_size)
     print(f"distilling {args.teacher} -> {args.student_preset} on {dataset.name} "
           f"(t={args.temperature}, label weight {args.label_weight}) -> {args.workdir}")

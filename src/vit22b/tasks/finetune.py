@@ -35,12 +35,9 @@ from vit22b.cli_args import (
 from vit22b.config import EXECUTION_FIELDS, ModelConfig
 from vit22b.data import ImageDataset, load_dataset
 from vit22b.optim import OptimConfig
+from vit22b.tasks.common import TaskError
 from vit22b.train import TrainConfig, train
 from vit22b.weights import read_config
-
-
-class FinetuneError(ValueError):
-    """A checkpoint that cannot be fine-tuned on the given data; the message says why."""
 
 
 def transfer_optim(optimizer: str = "sgd", lr: float = 0.03, warmup: int = 0, clip: float = 1.0,
@@ -55,7 +52,7 @@ def source_config(checkpoint: str | Path) -> ModelConfig:
     """The checkpoint's architecture, from its metadata alone (the weights are read once, later)."""
     source = read_config(checkpoint)
     if source is None:
-        raise FinetuneError(f"{checkpoint} carries no vit22b config: cannot tell its architecture "
+        raise TaskError(f"{checkpoint} carries no vit22b config: cannot tell its architecture "
                             "(import it first with `vit22b import`)")
     return source
 
@@ -64,13 +61,13 @@ def finetune_model_config(source: ModelConfig, dataset: ImageDataset, **executio
     """The checkpoint's architecture with the new data's classes and resolution, zero head; only
     execution settings (remat, scan, dtypes, collective matmul) may be changed on top."""
     if source.in_channels != dataset.in_channels:
-        raise FinetuneError(
+        raise TaskError(
             f"the checkpoint takes {source.in_channels}-channel images but {dataset.name!r} has "
             f"{dataset.in_channels}-channel images: the patch embedding cannot be reused; fine-tune "
             f"on {source.in_channels}-channel data (or train from scratch with `vit22b train`).")
     other = sorted(set(execution) - set(EXECUTION_FIELDS))
     if other:
-        raise FinetuneError(f"{other} would change the checkpoint's architecture: fine-tuning keeps "
+        raise TaskError(f"{other} would change the checkpoint's architecture: fine-tuning keeps "
                             f"it; only {EXECUTION_FIELDS} may be set")
     return source.replace(num_classes=dataset.num_classes, image_size=dataset.image_size,
                           head_bias_init=0.0, **execution)
