@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vit22b.config import ConfigError, ModelConfig
+from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.model import abstract_model, apply, count_params, init_model, logical_axes, split_params
 from vit22b.posemb import sincos2d
 from vit22b.weights import flatten
@@ -141,12 +141,15 @@ def test_all_biases_off_leaves_only_the_classifier_bias(tiny_cfg):
     assert {n for n in param_names(cfg) if "bias" in n} == {"head_bias"}
 
 
-def test_count_params(tiny_cfg):
-    _, params = split_params(abstract_model(tiny_cfg))
-    want = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    assert count_params(params) == want
-    D, M, L = 32, 128, 1
-    assert count_params(params["encoder"]) == L * (4 * D * D + 2 * D * M) + L * (D + 2 * 16 + M + D)
+def test_count_params_equals_timm():
+    """Against a number fixed outside this code: timm's vit_base_patch16_224 has 86,567,656
+    parameters (class token, learned posemb over 197 tokens, pre-LN sequential blocks with biases,
+    no QK norm), the paper's switches turned back to the original ViT. (Table 1's 21,743M kernel
+    parameters of ViT-22B: tests/test_config.py.)"""
+    timm_b16 = preset("B/16", block="sequential", head="token", norm="layer", norm_bias=True,
+                      qkv_bias=True, qk_norm=False, class_posemb=True, gelu_approximate=False,
+                      image_size=224, num_classes=1000)
+    assert count_params(split_params(abstract_model(timm_b16))[1]) == 86_567_656
 
 
 def test_logical_axes_match_params(tiny_cfg):

@@ -56,9 +56,11 @@ def test_mfu_and_overlap_arithmetic() -> None:
             assert p["overlap"]["step_seconds"] <= p["no_overlap"]["step_seconds"]
             for mode in ("overlap", "no_overlap"):
                 r = p[mode]
-                assert 0 < r["mfu"] <= 1
-                expected = p["flops"]["useful"] / (r["step_seconds"] * hw.peak_flops * p["devices"])
-                assert r["mfu"] == pytest.approx(expected)
+                # the paper's own conversion, independent of this code: 54.9% MFU is 1.15k tokens/s
+                # per TPUv4 chip (275 TFLOP/s) for 22B/14; MFU / throughput is the same for any
+                # plan, up to the 0.4% by which flops.py's count differs from the paper's
+                per_token = 0.549 / 1150 * HARDWARE["tpuv4"].peak_flops / hw.peak_flops
+                assert r["mfu"] / r["tokens_per_second_per_device"] == pytest.approx(per_token, rel=0.005)
             assert p["t_comm"] == pytest.approx(sum(c["seconds"] for c in p["collectives"]))
     # a pure data-parallel mesh has no model-axis traffic; one device has no traffic at all
     assert {c["axis"] for c in plan(cfg, 4096, 4096, 1, HARDWARE["tpuv4"])["collectives"]} == {"data"}

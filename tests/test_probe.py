@@ -68,17 +68,23 @@ def test_probe_matches_sklearn_logistic_regression(digits_ckpt):
     # sklearn minimises 1/2 ||w||^2 + C sum CE  ==  N C (mean CE + 1/(2 N C) ||w||^2)
     ref = LogisticRegression(C=1 / (wd * len(y_tr)), max_iter=5000).fit(x_tr, y_tr).score(x_val, y_val)
     assert abs(ours - ref) <= 0.03, (ours, ref)
-    assert ours > 0.3  # chance 0.1
 
 
 @pytest.mark.slow
-def test_probe_command_beats_chance_and_writes_json(digits_ckpt, tmp_path, capsys):
+def test_probe_command_equals_sklearn_and_writes_json(digits_ckpt, tmp_path, capsys):
+    """The command's top-1 against scikit-learn's logistic regression on the same frozen features
+    (its default wd 1e-4: C = 1 / (wd N)), with steps enough to converge (the default 500 stops
+    3.9 points short on this weak checkpoint's features: 82.2% against 86.1%)."""
+    from sklearn.linear_model import LogisticRegression
+
     out = tmp_path / "probe.json"
-    assert run(["--checkpoint", str(digits_ckpt), "--feature", "pre_logits", "--out", str(out),
-                "--no-progress"]) == 0
+    assert run(["--checkpoint", str(digits_ckpt), "--feature", "pre_logits", "--steps", "2000",
+                "--out", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
     assert res["val_examples"] == 360 and res["train_examples"] == 1437 and res["feature_dim"] == 32
-    assert res["val_accuracy"] > 0.3  # chance 0.1
+    x_tr, x_val, y_tr, y_val = _features(digits_ckpt, "pre_logits")
+    ref = LogisticRegression(C=1 / (res["wd"] * len(y_tr)), max_iter=5000).fit(x_tr, y_tr)
+    assert abs(res["val_accuracy"] - ref.score(x_val, y_val)) <= 0.03, (res["val_accuracy"], ref)
     assert "val top-1" in capsys.readouterr().out
 
 
