@@ -30,6 +30,7 @@ ViViT factorised-encoder style):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from typing import Any
@@ -42,7 +43,7 @@ from flax import nnx
 
 from vit22b.features import feature_fn
 from vit22b.model import ViT
-from vit22b.tasks import common
+from vit22b.tasks import common, text
 from vit22b.tasks.common import TaskError, predict  # predict: a head's logits in batches
 from vit22b.tasks.video_data import ClipDataset, clip_features, load_clip_folder, load_moving_digits
 
@@ -54,9 +55,14 @@ Rng = np.random.Generator
 # Layers are initialised from a numpy Generator: jax's per-shape RNG kernels cost seconds of XLA
 # compilation on CPU, more than training a head this size. Inits follow big_vision / scenic:
 # xavier-uniform kernels, zero biases, posemb normal(0.02), zero classifier.
-def _xavier(rng: Rng, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
+def _xavier(rng: Rng, fan_in: int, fan_out: int) -> jax.Array:
     limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return jnp.asarray(rng.uniform(-limit, limit, shape), jnp.float32)
+    return jnp.asarray(rng.uniform(-limit, limit, (fan_in, fan_out)), jnp.float32)
+
+
+def _params(tree: Any) -> Any:
+    """numpy arrays -> nnx.Params, in text.py's nested-dict layout (for its transformer functions)."""
+    return nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.asarray(a)), tree))
 
 
 class Dense(nnx.Module):
@@ -64,62 +70,11 @@ class Dense(nnx.Module):
 
     def __init__(self, rng: Rng, fan_in: int, fan_out: int, *, zero: bool = False):
         self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero
-                                else _xavier(rng, fan_in, fan_out, (fan_in, fan_out)))
+                                else _xavier(rng, fan_in, fan_out))
         self.bias = nnx.Param(jnp.zeros((fan_out,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel[...] + self.bias[...]
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, width: int):
-        self.scale, self.bias = nnx.Param(jnp.ones((width,))), nnx.Param(jnp.zeros((width,)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
-
-
-class Attention(nnx.Module):
-    """Multi-head dot-product attention: softmax(q k^T / sqrt(d_head)) v, q from `xq`, k and v from
-    `xkv`, then an output projection (flax MultiHeadDotProductAttention's layout, biases on)."""
-
-    def __init__(self, rng: Rng, width: int, num_heads: int):
-        self.num_heads = num_heads
-        self.q, self.kv = Dense(rng, width, width), Dense(rng, width, 2 * width)
-        self.out = Dense(rng, width, width)
-
-    def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
-        def heads(t: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, H, W/H]
-            return t.reshape(*t.shape[:2], self.num_heads, -1)
-
-        q = heads(self.q(xq))
-        k, v = (heads(t) for t in jnp.split(self.kv(xkv), 2, axis=-1))
-        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
-        return self.out(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(*xq.shape[:2], -1))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, rng: Rng, width: int, mlp_dim: int):
-        self.fc1, self.fc2 = Dense(rng, width, mlp_dim), Dense(rng, mlp_dim, width)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x)))
-
-
-class Block(nnx.Module):
-    """Pre-LN encoder block: x + MHSA(LN(x)), then + MLP(LN(x))."""
-
-    def __init__(self, rng: Rng, width: int, num_heads: int, mlp_dim: int):
-        self.ln1, self.ln2 = LayerNorm(width), LayerNorm(width)
-        self.attn = Attention(rng, width, num_heads)
-        self.mlp = Mlp(rng, width, mlp_dim)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.ln1(x)
-        x = x + self.attn(y, y)
-        return x + self.mlp(self.ln2(x))
 
 
 class MeanHead(nnx.Module):
@@ -167,13 +122,14 @@ class TransformerHead(nnx.Module):
                                                 jnp.float32))
                           if len(feat_shape) == 3 and not self.flatten else None)
         self.cls = nnx.Param(jnp.zeros((1, width))) if pool == "cls" else None  # ViViT/scenic
-        self.blocks = nnx.List([Block(rng, width, num_heads, mlp_dim) for _ in range(depth)])
-        self.norm = LayerNorm(width)
-        if pool == "map":
-            self.probe = nnx.Param(_xavier(rng, 1, width, (1, width)))
-            self.map_attn = Attention(rng, width, num_heads)
-            self.map_ln = LayerNorm(width)
-            self.map_mlp = Mlp(rng, width, mlp_dim)
+        self.num_heads = num_heads
+        kernel = functools.partial(_xavier, rng)
+        self.blocks = nnx.List([_params(text.init_block(width, mlp_dim, kernel)) for _ in range(depth)])
+        self.norm = _params(text.init_ln(width))
+        if pool == "map":  # big_vision MAPHead: no LN before the attention, so no "ln1"
+            self.probe = nnx.Param(_xavier(rng, 1, width))
+            self.map = _params({k: v for k, v in text.init_block(width, mlp_dim, kernel).items()
+                                if k != "ln1"})
         self.classifier = Dense(rng, width, num_classes, zero=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,14 +142,15 @@ class TransformerHead(nnx.Module):
         h = h.reshape(B, -1, h.shape[-1])  # [B, L, W], L = T or T*P (time-major)
         if self.cls is not None:
             h = jnp.concatenate([jnp.broadcast_to(self.cls[...], (B, 1, h.shape[-1])), h], axis=1)
-        for block in self.blocks:
-            h = block(h)
-        h = self.norm(h)
+        for p in self.blocks:
+            h = text.block(h, p, self.num_heads)
+        h = text.layer_norm(h, self.norm)
         if self.pool == "cls":
             pooled = h[:, 0]
         else:  # MAP: the probe attends over all tokens (no residual), then a residual MLP
-            y = self.map_attn(jnp.broadcast_to(self.probe[...], (B, 1, h.shape[-1])), h)
-            pooled = (y + self.map_mlp(self.map_ln(y)))[:, 0]
+            probe = jnp.broadcast_to(self.probe[...], (B, 1, h.shape[-1]))
+            y = text.attention(probe, h, self.map, self.num_heads)
+            pooled = text.residual_mlp(y, self.map)[:, 0]
         return self.classifier(pooled)
 
 
