@@ -4,10 +4,11 @@ standardisation, the fitter of the small heads trained on frozen features, and w
 Loading reads the checkpoint's config from the weights file's header (`weights.read_config`),
 checks the requested image size and the data against it, and only then reads the weights, once.
 
-`fit_head` trains every cheap head (probe's linear classifier, LiT's towers, the dense decoders,
-the video heads) the same way: AdamW (decoupled weight decay on matrices only, optional global-norm
-clip), linear warm-up from 0 then cosine decay to 0 at the last step, jitted `lax.scan` chunks
-with one progress bar, and a non-finite loss stops the run with a `TaskError` naming the fix.
+`fit_head` trains every cheap head (probe's linear classifier, LiT's towers, the dense decoders and
+the video heads, those two through `fit_module`) the same way: AdamW (decoupled weight decay on
+matrices only, optional global-norm clip), linear warm-up from 0 then cosine decay to 0 at the last
+step, jitted `lax.scan` chunks with one progress bar, and a non-finite loss stops the run with a
+`TaskError` naming the fix.
 """
 
 from __future__ import annotations
@@ -269,6 +270,32 @@ def fit_head(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, *, step
             bar.update(stop - start)
             bar.set_postfix(loss=f"{last[-1]:.4f}")
     return unravel(flat), np.concatenate(losses)
+
+
+def fit_module(module: nnx.Module, x: np.ndarray, targets: np.ndarray,
+               loss_fn: Callable[[jax.Array, jax.Array], jax.Array], *, steps: int, batch_size: int,
+               lr: float, seed: int = 0, wd: float = 1e-4, clip: float | None = None, progress: bool = False,
+               desc: str = "head") -> tuple[nnx.Module, np.ndarray]:
+    """Train `module`'s params on loss_fn(module(x[batch]), targets[batch]) with `fit_head`, batch s
+    being batch_size distinct examples (numpy, seeded by (seed, 2)); returns the trained module and
+    the loss of every step. Used for the video heads and the dense decoders."""
+    if steps < 1 or batch_size < 1:
+        raise TaskError(f"--steps {steps} and --batch-size {batch_size} must be positive")
+    batch_size = min(batch_size, len(x))
+    graphdef, params = nnx.split(module, nnx.Param)
+    rng = np.random.default_rng([seed, 2])
+    idx = np.stack([np.sort(rng.choice(len(x), batch_size, replace=False)) for _ in range(steps)])
+
+    def batches(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        # gathered on the host a chunk at a time: cached features can outgrow an accelerator
+        return x[idx[start:stop]], targets[idx[start:stop]]
+
+    def loss_of(p: Any, _: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return loss_fn(nnx.merge(graphdef, p)(batch[0]), batch[1])
+
+    params, losses = fit_head(loss_of, params, inputs=batches, steps=steps, lr=lr, wd=wd, clip=clip,
+                              progress=progress, desc=desc)
+    return nnx.merge(graphdef, params), losses
 
 
 # ----------------------------------------------------------------------------- results

@@ -89,8 +89,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    t = fit_temperature(logits, labels)
+def calibration(logits: np.ndarray, labels: np.ndarray, t: float | None = None) -> dict[str, float]:
+    """ECE and NLL before and after temperature t (default: fit on these logits)."""
+    t = fit_temperature(logits, labels) if t is None else t
     return {"temperature": t, "ece": ece(softmax(logits, axis=1), labels),
             "ece_scaled": ece(softmax(logits / t, axis=1), labels),
             "nll": nll(logits, labels), "nll_scaled": nll(logits, labels, t)}
@@ -101,10 +102,8 @@ def held_out_calibration(logits: np.ndarray, labels: np.ndarray, seed: int = 0) 
     order = np.random.default_rng(seed).permutation(len(labels))
     fit, report = order[: len(order) // 2], order[len(order) // 2:]
     t = fit_temperature(logits[fit], labels[fit])
-    lg, lb = logits[report], labels[report]
-    return {"temperature": t, "fit_examples": len(fit), "report_examples": len(report),
-            "ece": ece(softmax(lg, axis=1), lb), "ece_scaled": ece(softmax(lg / t, axis=1), lb),
-            "nll": nll(lg, lb), "nll_scaled": nll(lg, lb, t)}
+    return {**calibration(logits[report], labels[report], t), "fit_examples": len(fit),
+            "report_examples": len(report)}
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:

@@ -8,15 +8,15 @@ ViViT factorised-encoder style):
    checkpoint once (eval preprocessing, no augmentation): `pre_logits` -> [clips, T, D], or token
    features (`encoded`, `stem`, `block_i`) -> [clips, T, P, D]; `<name>-mean` (mean over tokens)
    also works. The features are standardised per dimension with the train statistics.
-2. A temporal head is trained on them with softmax cross-entropy (`common.fit_head`: AdamW, weight
-   decay on matrices only, linear warm-up (5%) + cosine decay), random minibatches without replacement:
+2. A temporal head is trained on them with softmax cross-entropy (`common.fit_module`: AdamW, weight
+   decay on matrices only, warm-up + cosine decay, random minibatches without replacement):
    - `mean`: average over time (and tokens) + a linear classifier (temporal average pooling; blind
      to frame order by construction);
    - `concat`: a linear classifier on the concatenated frames (order-aware, no weight sharing);
    - `transformer`: a linear embedding to `--head-width`, learned temporal position embedding
      (token features: each frame's grid embedded as one token, or `--tokens joint`: every token
      embedded, + a learned spatial position embedding, attended jointly), `--head-depth`
-     pre-LN blocks (MHSA + GELU MLP), a final LayerNorm, a CLS token (ViViT) or MAP pooling
+     pre-LN blocks (text.py's: MHSA + GELU MLP), a final LayerNorm, a CLS token (ViViT) or MAP pooling
      (big_vision MAPHead: probe attends, then x + MLP(LN(x))), and a linear classifier.
    Classifiers are zero-initialised (big_vision).
 3. Top-1 on val and train is reported per head (several heads can share one feature pass:
@@ -45,7 +45,7 @@ from vit22b.features import feature_fn
 from vit22b.model import ViT
 from vit22b.tasks import common, text
 from vit22b.tasks.common import TaskError, predict  # predict: a head's logits in batches
-from vit22b.tasks.video_data import ClipDataset, clip_features, load_clip_folder, load_moving_digits
+from vit22b.tasks.video_data import clip_features, load_clip_folder, load_moving_digits
 
 HEADS = ("mean", "concat", "transformer")
 Rng = np.random.Generator
@@ -77,24 +77,19 @@ class Dense(nnx.Module):
         return x @ self.kernel[...] + self.bias[...]
 
 
-class MeanHead(nnx.Module):
-    """logits = mean_{t(,p)} x[b, t, (p,) :] @ W + b."""
+class LinearHead(nnx.Module):
+    """A linear classifier on mean_{t(,p)} x[b] (`mean`) or on flatten(x)[b] (`concat`: a separate
+    weight per frame, so order matters)."""
 
-    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
-        self.classifier = Dense(rng, feat_shape[-1], num_classes, zero=True)
+    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int, *, concat: bool):
+        self.concat = concat
+        fan_in = math.prod(feat_shape) if concat else feat_shape[-1]
+        self.classifier = Dense(rng, fan_in, num_classes, zero=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] or [B, T, P, D] -> [B, C]
+        if self.concat:
+            return self.classifier(x.reshape(x.shape[0], -1))
         return self.classifier(x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1))
-
-
-class ConcatHead(nnx.Module):
-    """logits = flatten(x)[b] @ W + b: a separate weight per frame, so order matters."""
-
-    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
-        self.classifier = Dense(rng, math.prod(feat_shape), num_classes, zero=True)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.classifier(x.reshape(x.shape[0], -1))
 
 
 class TransformerHead(nnx.Module):
@@ -117,10 +112,9 @@ class TransformerHead(nnx.Module):
         # attends over all T*P with a learned spatial posemb beside the temporal one.
         self.flatten = len(feat_shape) == 3 and tokens == "frame"
         self.embed = Dense(rng, feat_shape[1] * D if self.flatten else D, width)
-        self.time_pos = nnx.Param(jnp.asarray(0.02 * rng.standard_normal((T, width)), jnp.float32))
-        self.space_pos = (nnx.Param(jnp.asarray(0.02 * rng.standard_normal((feat_shape[1], width)),
-                                                jnp.float32))
-                          if len(feat_shape) == 3 and not self.flatten else None)
+        posemb = lambda n: nnx.Param(jnp.asarray(0.02 * rng.standard_normal((n, width)), jnp.float32))  # noqa: E731
+        self.time_pos = posemb(T)
+        self.space_pos = posemb(feat_shape[1]) if len(feat_shape) == 3 and not self.flatten else None
         self.cls = nnx.Param(jnp.zeros((1, width))) if pool == "cls" else None  # ViViT/scenic
         self.num_heads = num_heads
         kernel = functools.partial(_xavier, rng)
@@ -158,10 +152,8 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed:
               **transformer: Any) -> nnx.Module:
     """A head by name (`HEADS`); `transformer` kwargs: width, depth, num_heads, mlp_dim, pool, tokens."""
     rng = np.random.default_rng(seed)
-    if kind == "mean":
-        return MeanHead(rng, feat_shape, num_classes)
-    if kind == "concat":
-        return ConcatHead(rng, feat_shape, num_classes)
+    if kind in ("mean", "concat"):
+        return LinearHead(rng, feat_shape, num_classes, concat=kind == "concat")
     if kind == "transformer":
         return TransformerHead(rng, feat_shape, num_classes, **transformer)
     raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
@@ -171,22 +163,14 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed:
 def train_head(head: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 500,
                batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-4, seed: int = 0,
                progress: bool = True, desc: str = "head") -> tuple[nnx.Module, float]:
-    """Train `head` on features x [N, ...] / labels y [N]; returns (trained head, last loss).
-    Step s draws batch_size distinct examples with the key fold_in(key(seed), s)."""
-    graphdef, params = nnx.split(head)
-    n, b = len(y), min(batch_size, len(y))
-    key = jax.random.key(seed)
+    """Train `head` on features x [N, ...] / labels y [N] by softmax cross-entropy
+    (`common.fit_module`); returns (trained head, last loss)."""
+    def loss_fn(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def loss_fn(p: Any, data: tuple[jax.Array, jax.Array], s: jax.Array) -> jax.Array:
-        xs, ys = data
-        idx = jax.random.choice(jax.random.fold_in(key, s), n, (b,), replace=False)
-        logits = nnx.merge(graphdef, p)(xs[idx])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ys[idx]).mean()
-
-    data = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
-    params, losses = common.fit_head(loss_fn, params, data=data, steps=steps, lr=lr, wd=wd, progress=progress,
-                                     desc=desc)
-    return nnx.merge(graphdef, params), float(losses[-1])
+    head, losses = common.fit_module(head, x, y, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
+                                     wd=wd, seed=seed, progress=progress, desc=desc)
+    return head, float(losses[-1])
 
 
 # ----------------------------------------------------------------------------- features
@@ -209,19 +193,6 @@ def _reversal_free(labels: np.ndarray) -> np.ndarray:
     return (labels // 4) * 2 + (labels % 4) // 2
 
 
-def load_clips(data: str, *, image_size: int, in_channels: int, num_frames: int = 8, num_train: int = 2048,
-               num_val: int = 512, seed: int = 0, digit_size: int | None = None, travel: int | None = None,
-               digit_groups: int = 2, val_fraction: float = 0.2) -> ClipDataset:
-    """`data` 'synthetic' (generated moving digits; `num_train`, `num_val`, `digit_size`, `travel`,
-    `digit_groups`) or a clip folder (`val_fraction`)."""
-    if data == "synthetic":
-        return load_moving_digits(image_size, in_channels, num_frames=num_frames, num_train=num_train,
-                                  num_val=num_val, seed=seed, digit_size=digit_size, travel=travel,
-                                  digit_groups=digit_groups)
-    return load_clip_folder(data, image_size, in_channels, num_frames=num_frames, val_fraction=val_fraction,
-                            seed=seed)
-
-
 def cmd_video(args: argparse.Namespace) -> int:
     t0 = time.time()
     kinds = [k.strip() for k in args.head.split(",") if k.strip()]
@@ -230,10 +201,14 @@ def cmd_video(args: argparse.Namespace) -> int:
             raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
     model = common.load_backbone(args.checkpoint, args.image_size)
     fn = frame_fn(model, args.feature)
-    data = load_clips(args.data, image_size=model.cfg.image_size, in_channels=model.cfg.in_channels,
-                      num_frames=args.num_frames, num_train=args.num_train, num_val=args.num_val,
-                      seed=args.seed, digit_size=args.digit_size, travel=args.travel,
-                      digit_groups=args.digit_groups, val_fraction=args.val_fraction)
+    size, channels = model.cfg.image_size, model.cfg.in_channels
+    if args.data == "synthetic":
+        data = load_moving_digits(size, channels, num_frames=args.num_frames, num_train=args.num_train,
+                                  num_val=args.num_val, seed=args.seed, digit_size=args.digit_size,
+                                  travel=args.travel, digit_groups=args.digit_groups)
+    else:
+        data = load_clip_folder(args.data, size, channels, num_frames=args.num_frames,
+                                val_fraction=args.val_fraction, seed=args.seed)
     progress = not args.no_progress
     t1 = time.time()
     x_tr, y_tr = clip_features(fn, data, "train", args.feature_batch_size, progress)

@@ -146,12 +146,8 @@ def render_clip(digit: np.ndarray, positions: np.ndarray, canvas: int) -> np.nda
 
 def moving_digit_classes(digit_groups: int = 2) -> tuple[str, ...]:
     """Class names; label = group * 4 + direction index (groups split 0..9 into equal runs)."""
-    names = []
-    for g in range(digit_groups):
-        members = [d for d in range(10) if d * digit_groups // 10 == g]
-        for direction in DIRECTIONS:
-            names.append(f"{members[0]}-{members[-1]} {direction}")
-    return tuple(names)
+    groups = [[d for d in range(10) if d * digit_groups // 10 == g] for g in range(digit_groups)]
+    return tuple(f"{members[0]}-{members[-1]} {direction}" for members in groups for direction in DIRECTIONS)
 
 
 def make_moving_digits(num_clips: int, pool: tuple[np.ndarray, np.ndarray], *, canvas: int,
@@ -352,8 +348,8 @@ def load_clip_folder(path: str | Path, image_size: int, in_channels: int, *, num
         if len(va) == 0:
             raise DataError(f"--val-fraction {val_fraction} holds out no clip of {str(root)!r}: raise "
                             "it, add clips, or give DIR/train and DIR/val folders")
-        train = ClipSplit(lab[tr], sources=tuple(src[i] for i in tr), frame_counts=tuple(cnt[i] for i in tr))
-        val = ClipSplit(lab[va], sources=tuple(src[i] for i in va), frame_counts=tuple(cnt[i] for i in va))
+        train, val = (ClipSplit(lab[ix], sources=tuple(src[i] for i in ix),
+                                frame_counts=tuple(cnt[i] for i in ix)) for ix in (tr, va))
     return ClipDataset(str(path), classes, image_size, in_channels, num_frames, train, val)
 
 
