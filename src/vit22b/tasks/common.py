@@ -117,9 +117,7 @@ def channel_adaptation(checkpoint_channels: int, data_channels: int) -> str | No
 
 
 # ----------------------------------------------------------------------------- generated data
-@functools.lru_cache(maxsize=2)
-def _digits(digit_size: int) -> ImageDataset:
-    return load_digits_dataset(digit_size)
+_digits = functools.lru_cache(maxsize=2)(load_digits_dataset)  # per size: scenes and clips share it
 
 
 def digit_glyphs(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,25 +137,28 @@ def available_features(model: ViT) -> list[str]:
     return pooled + [f"{n}-mean" for n in TOKEN_FEATURES] + [" .. ".join(blocks) + " (block_i-mean)"]
 
 
-def parse_feature(model: ViT, name: str) -> tuple[str, bool, tuple[int, ...]]:
-    """'pre_logits' | '<token feature>-mean' | 'block_i-mean' -> (intermediate, mean over tokens,
-    return_layers); a TaskError naming the available ones otherwise."""
+def parse_feature(model: ViT, name: str, *, tokens: bool = False) -> tuple[str, bool, tuple[int, ...]]:
+    """'pre_logits' | '<token feature>-mean' | 'block_i-mean' (with `tokens`, also the token features
+    themselves) -> (intermediate, mean over tokens, return_layers); a TaskError naming the available
+    ones otherwise."""
     base, pooled = (name[:-5], True) if name.endswith("-mean") else (name, False)
     m = re.fullmatch(r"block_(\d+)", base)
-    ok = pooled and (base in TOKEN_FEATURES or (m is not None and int(m.group(1)) < model.cfg.depth))
-    ok = ok or (not pooled and base == "pre_logits" and model.cfg.head != "none")
+    known = base in TOKEN_FEATURES or (m is not None and int(m.group(1)) < model.cfg.depth)
+    ok = ((pooled or tokens) and known) or (not pooled and base == "pre_logits" and model.cfg.head != "none")
     if not ok:
-        raise TaskError(f"feature {name!r} is not one this model produces: use one of "
-                        f"{', '.join(available_features(model))} (token features need '-mean'; "
+        raise TaskError(f"--feature {name!r} is not one this model produces: use one of "
+                        f"{', '.join(available_features(model))} (token features "
+                        f"{'also without' if tokens else 'need'} '-mean'; "
                         f"the model has {model.cfg.depth} blocks, head {model.cfg.head!r})")
     return base, pooled, (int(m.group(1)),) if m else ()
 
 
-def batch_fn(model: ViT, name: str) -> Callable[[np.ndarray], jax.Array]:
-    """A jitted images -> [B, D] function for a feature name (see `parse_feature`)."""
+def batch_fn(model: ViT, name: str, *, tokens: bool = False) -> Callable[[np.ndarray], jax.Array]:
+    """A jitted images -> [B, D] function for a feature name (see `parse_feature`); with `tokens`,
+    a token feature without '-mean' gives [B, P, D]."""
     from vit22b.features import feature_fn
 
-    base, pooled, layers = parse_feature(model, name)
+    base, pooled, layers = parse_feature(model, name, tokens=tokens)
     forward = feature_fn(model, base, layers)
     return jax.jit(lambda x: jnp.mean(forward(x), axis=1)) if pooled else forward
 

@@ -82,13 +82,6 @@ def token_fn(model: ViT, layers: tuple[int, ...]) -> Callable[[jax.Array], jax.A
     return forward
 
 
-def extract_tokens(model: ViT, images: np.ndarray, layers: tuple[int, ...], batch_size: int,
-                   progress: bool = False, desc: str = "tokens") -> np.ndarray:
-    """Tokens of uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]."""
-    return common.apply_batched(token_fn(model, layers), images, batch_size, prepare=normalise,
-                                dtype=np.float32, progress=progress, desc=desc)
-
-
 # ----------------------------------------------------------------------------- decoders
 def _resize(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[-1]), "bilinear")
@@ -270,8 +263,10 @@ def fit_dense(model: ViT, data: DenseData, out_channels: int, loss_fn: LossFn, p
     """Frozen tokens -> standardise -> train a `kind` decoder -> post(decoder(val tokens)).
     Returns (decoder, val predictions, {"layers", "stats", "losses", "lr"})."""
     blocks = decoder_layers(model, kind, layers)
-    tr = extract_tokens(model, data.train_images, blocks, extract_batch, progress, f"{desc} train tokens")
-    va = extract_tokens(model, data.val_images, blocks, extract_batch, progress, f"{desc} val tokens")
+    fn = token_fn(model, blocks)  # uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]; one compile
+    tr, va = (common.apply_batched(fn, images, extract_batch, prepare=normalise, dtype=np.float32,
+                                   progress=progress, desc=f"{desc} {split} tokens")
+              for split, images in (("train", data.train_images), ("val", data.val_images)))
     (tr, va), (mean, std) = common.standardise(tr, va, axes=(0, 2, 3))  # per level and channel
     lr = lr if lr is not None else (1e-2 if kind == "linear" else 3e-3)
     decoder = make_decoder(kind, model.cfg.width, tr.shape[1], out_channels, model.cfg.image_size,

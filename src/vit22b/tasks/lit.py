@@ -183,8 +183,7 @@ def zero_shot(params: dict, cfg: TextConfig, zimg: np.ndarray, labels: np.ndarra
     out = {"top1": top1(emb.reshape(len(names), -1, emb.shape[-1])), "num_classes": len(names),
            "val_examples": len(labels), "chance": 1.0 / len(names), "class_names": names,
            "word_forms": list(forms), "templates": list(templates),
-           "best_single_top1": max(singles), "mean_single_top1": float(np.mean(singles)),
-           "per_template": per}
+           "best_single_top1": max(singles), "mean_single_top1": float(np.mean(singles)), "per_template": per}
     if seen is not None:
         unseen = [i for i, t in enumerate(templates) if t not in seen]
         out["unseen_templates"] = [templates[i] for i in unseen]

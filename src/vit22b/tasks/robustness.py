@@ -118,12 +118,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         raise DataError(f"the checkpoint's classifier has {cfg.num_classes} classes but {dataset.name!r} "
                         f"has {dataset.num_classes}: evaluate on the data it was trained for")
     logits_fn = jax.jit(lambda x: model(x)[0])
-    shifts = default_shifts()
     results: dict[str, Any] = {"task": "robustness", "checkpoint": str(args.checkpoint),
                                "data": dataset.name, "image_size": dataset.image_size,
                                "val_examples": dataset.val_size, "shifts": {},
                                "channel_adaptation": adaptation}
-    for name, shift in shifts.items():
+    for name, shift in default_shifts().items():
         logits, labels = common.run_batches(logits_fn, dataset, "val", args.batch_size, not args.no_progress,
                                             name, transform=shift)
         acc = float(np.mean(logits.argmax(1) == labels))

@@ -160,12 +160,9 @@ def attention(xq: jax.Array, xkv: jax.Array, p: Params, num_heads: int,
     through the fused p["qkv"] kernel [W, 3W] (one matmul when xkv is xq), then p["out"]. Keys where
     mask [B, Lk] is False (pad) get zero weight."""
     b, n, w = xq.shape
-    if xkv is xq:
-        q, k, v = jnp.split(dense(xq, p["qkv"]), 3, axis=-1)
-    else:  # cross-attention (video's MAP pooling: a probe attends over the tokens)
-        kernel, bias = p["qkv"]["kernel"], p["qkv"]["bias"]
-        q = xq @ kernel[:, :w] + bias[:w]
-        k, v = jnp.split(xkv @ kernel[:, w:] + bias[w:], 2, axis=-1)
+    q, k, v = jnp.split(dense(xq, p["qkv"]), 3, axis=-1)
+    if xkv is not xq:  # cross-attention (video's MAP pooling: a probe attends over the tokens)
+        k, v = jnp.split(dense(xkv, p["qkv"])[..., w:], 2, axis=-1)
     q, k, v = (t.reshape(*t.shape[:2], num_heads, -1) for t in (q, k, v))  # [B, L, H, Dh]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(w // num_heads)
     if mask is not None:

@@ -41,8 +41,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vit22b.features import feature_fn
-from vit22b.model import ViT
 from vit22b.tasks import common, text
 from vit22b.tasks.common import TaskError, predict  # predict: a head's logits in batches
 from vit22b.tasks.video_data import clip_features, load_clip_folder, load_moving_digits
@@ -69,8 +67,7 @@ class Dense(nnx.Module):
     """x @ kernel + bias, kernel [in, out] xavier-uniform (or zeros)."""
 
     def __init__(self, rng: Rng, fan_in: int, fan_out: int, *, zero: bool = False):
-        self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero
-                                else _xavier(rng, fan_in, fan_out))
+        self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero else _xavier(rng, fan_in, fan_out))
         self.bias = nnx.Param(jnp.zeros((fan_out,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -173,20 +170,6 @@ def train_head(head: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 5
     return head, float(losses[-1])
 
 
-# ----------------------------------------------------------------------------- features
-def frame_fn(model: ViT, name: str) -> Any:
-    """Jitted frames [B, S, S, C] -> [B, D] (pre_logits, <x>-mean) or [B, P, D] (token features)."""
-    if name == "pre_logits" or name.endswith("-mean"):
-        return common.batch_fn(model, name)
-    try:  # a token intermediate is valid exactly when its token mean is
-        base, _, layers = common.parse_feature(model, name + "-mean")
-    except TaskError:
-        raise TaskError(f"--feature {name!r} is not one this model produces: use pre_logits, a token "
-                        f"feature ({', '.join(common.TOKEN_FEATURES)}, block_0..block_"
-                        f"{model.cfg.depth - 1}) or its mean over tokens (<name>-mean)") from None
-    return feature_fn(model, base, layers)
-
-
 # ----------------------------------------------------------------------------- the command
 def _reversal_free(labels: np.ndarray) -> np.ndarray:
     """Generated-clip label -> (group, axis): right~left, down~up (DIRECTIONS order r, l, d, u)."""
@@ -200,7 +183,7 @@ def cmd_video(args: argparse.Namespace) -> int:
         if kind not in HEADS:
             raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
     model = common.load_backbone(args.checkpoint, args.image_size)
-    fn = frame_fn(model, args.feature)
+    fn = common.batch_fn(model, args.feature, tokens=True)  # [B, D], or [B, P, D] for token features
     size, channels = model.cfg.image_size, model.cfg.in_channels
     if args.data == "synthetic":
         data = load_moving_digits(size, channels, num_frames=args.num_frames, num_train=args.num_train,
