@@ -4,10 +4,11 @@ standardisation, the fitter of the small heads trained on frozen features, and w
 Loading reads the checkpoint's config from the weights file's header (`weights.read_config`),
 checks the requested image size and the data against it, and only then reads the weights, once.
 
-`fit_head` trains every cheap head (probe's linear classifier, LiT's towers, the dense decoders,
-the video heads) the same way: AdamW (decoupled weight decay on matrices only, optional global-norm
-clip), linear warm-up from 0 then cosine decay to 0 at the last step, jitted `lax.scan` chunks
-with one progress bar, and a non-finite loss stops the run with a `TaskError` naming the fix.
+`fit_head` trains every cheap head (probe's linear classifier, LiT's towers, the dense decoders and
+the video heads, those two through `fit_module`) the same way: AdamW (decoupled weight decay on
+matrices only, optional global-norm clip), linear warm-up from 0 then cosine decay to 0 at the last
+step, jitted `lax.scan` chunks with one progress bar, and a non-finite loss stops the run with a
+`TaskError` naming the fix.
 """
 
 from __future__ import annotations
@@ -116,9 +117,7 @@ def channel_adaptation(checkpoint_channels: int, data_channels: int) -> str | No
 
 
 # ----------------------------------------------------------------------------- generated data
-@functools.lru_cache(maxsize=2)
-def _digits(digit_size: int) -> ImageDataset:
-    return load_digits_dataset(digit_size)
+_digits = functools.lru_cache(maxsize=2)(load_digits_dataset)  # per size: scenes and clips share it
 
 
 def digit_glyphs(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,25 +137,28 @@ def available_features(model: ViT) -> list[str]:
     return pooled + [f"{n}-mean" for n in TOKEN_FEATURES] + [" .. ".join(blocks) + " (block_i-mean)"]
 
 
-def parse_feature(model: ViT, name: str) -> tuple[str, bool, tuple[int, ...]]:
-    """'pre_logits' | '<token feature>-mean' | 'block_i-mean' -> (intermediate, mean over tokens,
-    return_layers); a TaskError naming the available ones otherwise."""
+def parse_feature(model: ViT, name: str, *, tokens: bool = False) -> tuple[str, bool, tuple[int, ...]]:
+    """'pre_logits' | '<token feature>-mean' | 'block_i-mean' (with `tokens`, also the token features
+    themselves) -> (intermediate, mean over tokens, return_layers); a TaskError naming the available
+    ones otherwise."""
     base, pooled = (name[:-5], True) if name.endswith("-mean") else (name, False)
     m = re.fullmatch(r"block_(\d+)", base)
-    ok = pooled and (base in TOKEN_FEATURES or (m is not None and int(m.group(1)) < model.cfg.depth))
-    ok = ok or (not pooled and base == "pre_logits" and model.cfg.head != "none")
+    known = base in TOKEN_FEATURES or (m is not None and int(m.group(1)) < model.cfg.depth)
+    ok = ((pooled or tokens) and known) or (not pooled and base == "pre_logits" and model.cfg.head != "none")
     if not ok:
-        raise TaskError(f"feature {name!r} is not one this model produces: use one of "
-                        f"{', '.join(available_features(model))} (token features need '-mean'; "
+        raise TaskError(f"--feature {name!r} is not one this model produces: use one of "
+                        f"{', '.join(available_features(model))} (token features "
+                        f"{'also without' if tokens else 'need'} '-mean'; "
                         f"the model has {model.cfg.depth} blocks, head {model.cfg.head!r})")
     return base, pooled, (int(m.group(1)),) if m else ()
 
 
-def batch_fn(model: ViT, name: str) -> Callable[[np.ndarray], jax.Array]:
-    """A jitted images -> [B, D] function for a feature name (see `parse_feature`)."""
+def batch_fn(model: ViT, name: str, *, tokens: bool = False) -> Callable[[np.ndarray], jax.Array]:
+    """A jitted images -> [B, D] function for a feature name (see `parse_feature`); with `tokens`,
+    a token feature without '-mean' gives [B, P, D]."""
     from vit22b.features import feature_fn
 
-    base, pooled, layers = parse_feature(model, name)
+    base, pooled, layers = parse_feature(model, name, tokens=tokens)
     forward = feature_fn(model, base, layers)
     return jax.jit(lambda x: jnp.mean(forward(x), axis=1)) if pooled else forward
 
@@ -269,6 +271,32 @@ def fit_head(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, *, step
             bar.update(stop - start)
             bar.set_postfix(loss=f"{last[-1]:.4f}")
     return unravel(flat), np.concatenate(losses)
+
+
+def fit_module(module: nnx.Module, x: np.ndarray, targets: np.ndarray,
+               loss_fn: Callable[[jax.Array, jax.Array], jax.Array], *, steps: int, batch_size: int,
+               lr: float, seed: int = 0, wd: float = 1e-4, clip: float | None = None, progress: bool = False,
+               desc: str = "head") -> tuple[nnx.Module, np.ndarray]:
+    """Train `module`'s params on loss_fn(module(x[batch]), targets[batch]) with `fit_head`, batch s
+    being batch_size distinct examples (numpy, seeded by (seed, 2)); returns the trained module and
+    the loss of every step. Used for the video heads and the dense decoders."""
+    if steps < 1 or batch_size < 1:
+        raise TaskError(f"--steps {steps} and --batch-size {batch_size} must be positive")
+    batch_size = min(batch_size, len(x))
+    graphdef, params = nnx.split(module, nnx.Param)
+    rng = np.random.default_rng([seed, 2])
+    idx = np.stack([np.sort(rng.choice(len(x), batch_size, replace=False)) for _ in range(steps)])
+
+    def batches(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        # gathered on the host a chunk at a time: cached features can outgrow an accelerator
+        return x[idx[start:stop]], targets[idx[start:stop]]
+
+    def loss_of(p: Any, _: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return loss_fn(nnx.merge(graphdef, p)(batch[0]), batch[1])
+
+    params, losses = fit_head(loss_of, params, inputs=batches, steps=steps, lr=lr, wd=wd, clip=clip,
+                              progress=progress, desc=desc)
+    return nnx.merge(graphdef, params), losses
 
 
 # ----------------------------------------------------------------------------- results

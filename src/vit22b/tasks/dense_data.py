@@ -59,15 +59,6 @@ class DenseData:
 
 
 # ----------------------------------------------------------------------------- segmentation
-def draw_digit(canvas: np.ndarray, mask: np.ndarray, glyph: np.ndarray, label: int, y: int, x: int,
-               threshold: int) -> None:
-    """Paint the stroke pixels of `glyph` at (y, x) in place; the mask gets label + 1 on the same pixels."""
-    s = glyph.shape[0]
-    stroke = glyph > threshold  # [s, s]: the one array both the image and the mask are written from
-    canvas[y:y + s, x:x + s][stroke] = glyph[stroke]
-    mask[y:y + s, x:x + s][stroke] = label + 1
-
-
 def digit_canvases(n: int, size: int, *, seed: int = 0, split: str = "train", digit_size: int | None = None,
                    max_digits: int = 3, threshold: int = 128, in_channels: int = 1
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +76,9 @@ def digit_canvases(n: int, size: int, *, seed: int = 0, split: str = "train", di
         for _ in range(int(rng.integers(1, max_digits + 1))):
             g = int(rng.integers(len(glyphs)))
             y, x = (int(v) for v in rng.integers(0, size - s + 1, 2))
-            draw_digit(canvas[i], masks[i], glyphs[g], int(labels[g]), y, x, threshold)
+            stroke = glyphs[g] > threshold  # the one array both the image and the mask are written from
+            canvas[i, y:y + s, x:x + s][stroke] = glyphs[g][stroke]
+            masks[i, y:y + s, x:x + s][stroke] = labels[g] + 1
             placements.append((i, g, y, x))
     images = np.repeat(canvas[..., None], in_channels, axis=-1)  # grey -> C identical channels
     return images, masks, np.asarray(placements, np.int64).reshape(-1, 4)
@@ -149,6 +142,8 @@ def depth_scenes(n: int, size: int, *, seed: int = 0, split: str = "train", in_c
 def synthetic(task: str, image_size: int, in_channels: int, num_train: int, num_val: int,
               seed: int) -> DenseData:
     """The generated train/val sets of `task` ('segment' or 'depth')."""
+    if num_train < 1 or num_val < 1:
+        raise DataError(f"--num-train {num_train} / --num-val {num_val}: use at least 1 each")
     if task == "segment":
         tr = digit_canvases(num_train, image_size, seed=seed, split="train", in_channels=in_channels)
         va = digit_canvases(num_val, image_size, seed=seed, split="val", in_channels=in_channels)
@@ -177,13 +172,6 @@ def _read_image(path: Path, size: int, in_channels: int) -> tuple[np.ndarray, tu
     except (OSError, SyntaxError) as e:
         raise DataError(f"cannot read image {str(path)!r} ({e}): pass a PNG/JPEG file") from e
     return np.asarray(im, np.uint8).reshape(size, size, in_channels), original
-
-
-def _nearest(target: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D target (uint8 ids or float32 metres) to size x size."""
-    mode = "L" if target.dtype == np.uint8 else "F"
-    im = Image.fromarray(target.astype(np.uint8 if mode == "L" else np.float32), mode=mode)
-    return np.asarray(im.resize((size, size), Image.Resampling.NEAREST))
 
 
 def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -256,7 +244,9 @@ def _load_pairs(pairs: list[tuple[Path, Path]], kind: str, size: int, in_channel
         if kind == "segment":
             top.append(int(target[target != IGNORE].astype(np.int64).max(initial=-1)))
         images.append(image)
-        targets.append(_nearest(target, size))
+        mode = "L" if target.dtype == np.uint8 else "F"  # uint8 ids or float32 metres
+        im = Image.fromarray(target.astype(np.uint8 if mode == "L" else np.float32), mode=mode)
+        targets.append(np.asarray(im.resize((size, size), Image.Resampling.NEAREST)))
     return np.stack(images), np.stack(targets), top
 
 
@@ -306,8 +296,6 @@ def load_dense_data(task: str, data: str, *, image_size: int, in_channels: int, 
                     num_classes: int | None = None) -> DenseData:
     """`data` 'synthetic' (`num_train` / `num_val` generated images) or a folder, for `task`."""
     if data == "synthetic":
-        if num_train < 1 or num_val < 1:
-            raise DataError(f"--num-train {num_train} / --num-val {num_val}: use at least 1 each")
         return synthetic(task, image_size, in_channels, num_train, num_val, seed)
     return load_folder(data, task, image_size, in_channels, val_fraction=val_fraction, seed=seed,
                        num_classes=num_classes)

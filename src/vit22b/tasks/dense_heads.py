@@ -17,9 +17,8 @@ patch tokens are computed once per image, without augmentation, and only the dec
 
 Each level's tokens are standardised with the train set's per-channel mean and std (an affine
 change the decoder could learn, but it makes Adam's step size meaningful for features of any scale).
-Training (`common.fit_head`): AdamW (weight decay 1e-4 on kernels) with global-norm clip 1.0, linear
-warm-up over 5% of the steps then cosine decay to 0; random mini-batches of the cached tokens,
-batch s = f(seed, s).
+Training (`common.fit_module`): AdamW (weight decay 1e-4 on kernels), global-norm clip 1.0, warm-up
++ cosine decay, random mini-batches of the cached tokens.
 
 Losses: segmentation = mean per-pixel softmax cross-entropy over pixels whose label != 255.
 Depth: the decoder predicts log-depth (positive depth by construction; errors are relative, so
@@ -38,6 +37,7 @@ max(d / d*, d* / d) < 1.25^k.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -80,13 +80,6 @@ def token_fn(model: ViT, layers: tuple[int, ...]) -> Callable[[jax.Array], jax.A
         return rearrange(tokens, "b l (h w) d -> b l h w d", h=g, w=g)
 
     return forward
-
-
-def extract_tokens(model: ViT, images: np.ndarray, layers: tuple[int, ...], batch_size: int,
-                   progress: bool = False, desc: str = "tokens") -> np.ndarray:
-    """Tokens of uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]."""
-    return common.apply_batched(token_fn(model, layers), images, batch_size, prepare=normalise,
-                                dtype=np.float32, progress=progress, desc=desc)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -242,28 +235,8 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- training
-def fit_decoder(decoder: nnx.Module, tokens: np.ndarray, targets: np.ndarray, loss_fn: LossFn, *, steps: int,
-                batch_size: int, lr: float, seed: int = 0, wd: float = 1e-4, progress: bool = False,
-                desc: str = "decoder") -> tuple[nnx.Module, np.ndarray]:
-    """Train `decoder` on cached tokens [N, L, g, g, D] -> loss_fn(decoder(tokens), targets); returns the
-    trained decoder and the loss of every step."""
-    if steps < 1 or batch_size < 1:
-        raise TaskError(f"--steps {steps} and --batch-size {batch_size} must be positive")
-    batch_size = min(batch_size, len(tokens))
-    graphdef, params = nnx.split(decoder, nnx.Param)
-    rng = np.random.default_rng([seed, 2])
-    idx = np.stack([np.sort(rng.choice(len(tokens), batch_size, replace=False)) for _ in range(steps)])
-
-    def batches(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        # gathered on the host a chunk at a time: the cached tokens can outgrow an accelerator
-        return tokens[idx[start:stop]], targets[idx[start:stop]]
-
-    def loss_of(p: Any, _: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return loss_fn(nnx.merge(graphdef, p)(batch[0]), batch[1])
-
-    params, losses = common.fit_head(loss_of, params, inputs=batches, steps=steps, lr=lr, wd=wd, clip=1.0,
-                                     progress=progress, desc=desc)
-    return nnx.merge(graphdef, params), losses
+# the decoders' trainer: global-norm clip 1 (module docstring)
+fit_decoder = functools.partial(common.fit_module, clip=1.0, desc="decoder")
 
 
 def decoder_layers(model: ViT, decoder: str, layers: str | None) -> tuple[int, ...]:
@@ -290,8 +263,10 @@ def fit_dense(model: ViT, data: DenseData, out_channels: int, loss_fn: LossFn, p
     """Frozen tokens -> standardise -> train a `kind` decoder -> post(decoder(val tokens)).
     Returns (decoder, val predictions, {"layers", "stats", "losses", "lr"})."""
     blocks = decoder_layers(model, kind, layers)
-    tr = extract_tokens(model, data.train_images, blocks, extract_batch, progress, f"{desc} train tokens")
-    va = extract_tokens(model, data.val_images, blocks, extract_batch, progress, f"{desc} val tokens")
+    fn = token_fn(model, blocks)  # uint8 images [N, S, S, C] -> float32 [N, L, g, g, D]; one compile
+    tr, va = (common.apply_batched(fn, images, extract_batch, prepare=normalise, dtype=np.float32,
+                                   progress=progress, desc=f"{desc} {split} tokens")
+              for split, images in (("train", data.train_images), ("val", data.val_images)))
     (tr, va), (mean, std) = common.standardise(tr, va, axes=(0, 2, 3))  # per level and channel
     lr = lr if lr is not None else (1e-2 if kind == "linear" else 3e-3)
     decoder = make_decoder(kind, model.cfg.width, tr.shape[1], out_channels, model.cfg.image_size,

@@ -55,8 +55,7 @@ def solve(cache: dict[str, Any], l2_reg: float) -> np.ndarray:
     return (cache["lhs"] / (cache["eigs"] + l2_reg)) @ cache["rhs"]
 
 
-def fewshot_accuracy(cache: dict[str, Any], l2_reg: float, x_val: np.ndarray,
-                     y_val: np.ndarray) -> float:
+def fewshot_accuracy(cache: dict[str, Any], l2_reg: float, x_val: np.ndarray, y_val: np.ndarray) -> float:
     w = solve(cache, l2_reg)
     return float(np.mean(np.argmax(whiten(x_val, cache["mean"], cache["std"]) @ w, axis=1) == y_val))
 
@@ -76,8 +75,7 @@ def sample_shots(y: np.ndarray, num_classes: int, shots: int, seed: int) -> np.n
 
 
 def run_fewshot(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                num_classes: int, shots: list[int], seeds: list[int],
-                l2_regs: list[float]) -> dict[str, Any]:
+                num_classes: int, shots: list[int], seeds: list[int], l2_regs: list[float]) -> dict[str, Any]:
     """{"<k>shot": {"l2=<lambda>": {"mean", "std", "per_seed"}}} over the grid."""
     for k in shots:  # fail before any solve, naming the smallest class
         sample_shots(y_tr, num_classes, k, seeds[0])

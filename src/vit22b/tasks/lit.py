@@ -183,8 +183,7 @@ def zero_shot(params: dict, cfg: TextConfig, zimg: np.ndarray, labels: np.ndarra
     out = {"top1": top1(emb.reshape(len(names), -1, emb.shape[-1])), "num_classes": len(names),
            "val_examples": len(labels), "chance": 1.0 / len(names), "class_names": names,
            "word_forms": list(forms), "templates": list(templates),
-           "best_single_top1": max(singles), "mean_single_top1": float(np.mean(singles)),
-           "per_template": per}
+           "best_single_top1": max(singles), "mean_single_top1": float(np.mean(singles)), "per_template": per}
     if seen is not None:
         unseen = [i for i, t in enumerate(templates) if t not in seen]
         out["unseen_templates"] = [templates[i] for i in unseen]
@@ -221,16 +220,6 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     if len(pairs) < 2:
         raise DataError(f"{path} has {len(pairs)} caption line(s): contrastive training needs at least 2")
     return pairs
-
-
-def image_features(fn: Any, paths: list[str], image_size: int, in_channels: int, batch_size: int,
-                   progress: bool) -> np.ndarray:
-    """fn over image files in fixed-size batches (the last padded, so one compilation)."""
-    def load(chunk: list[str]) -> np.ndarray:
-        return np.stack([load_image(p, image_size, in_channels) for p in chunk])
-
-    return common.apply_batched(fn, paths, batch_size, prepare=load, dtype=np.float32, progress=progress,
-                                desc="caption images")
 
 
 def class_names(dataset: Any, arg: str | None) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
@@ -294,14 +283,6 @@ def load_tower(location: str | Path) -> tuple[dict, TextConfig, np.ndarray, np.n
 
 
 # ----------------------------------------------------------------------------- the command
-def _label_captions(names: list[tuple[str, ...]], templates: tuple[str, ...], labels: np.ndarray
-                    ) -> tuple[list[str], np.ndarray]:
-    """Captions [C * T * F] (class-major) and per-example choices [N, T * F] of its class's rows."""
-    captions = [t.format(n) for c in names for t in templates for n in c]
-    m = len(captions) // len(names)
-    return captions, labels[:, None] * m + np.arange(m)
-
-
 def cmd_lit(args: argparse.Namespace) -> int:
     t0, progress = time.time(), not args.no_progress
     if args.zero_shot_only != (args.text_tower is not None):
@@ -337,8 +318,10 @@ def cmd_lit(args: argparse.Namespace) -> int:
         if args.captions:
             pairs = read_captions(args.captions)
             paths = sorted({p for p, _ in pairs})
-            x_tr = image_features(fn, paths, dataset.image_size, model.cfg.in_channels,
-                                  args.batch_size, progress)
+            size, channels = dataset.image_size, model.cfg.in_channels
+            x_tr = common.apply_batched(  # the last batch padded: one compilation
+                fn, paths, args.batch_size, dtype=np.float32, progress=progress, desc="caption images",
+                prepare=lambda c: np.stack([load_image(p, size, channels) for p in c]))
             row = {p: i for i, p in enumerate(paths)}
             pair_img = np.array([row[p] for p, _ in pairs])
             captions, choices, seen = [c for _, c in pairs], np.arange(len(pairs))[:, None], None
@@ -347,7 +330,9 @@ def cmd_lit(args: argparse.Namespace) -> int:
                                             f"{feature} train")
             pair_img = np.arange(len(x_tr))
             seen = list(TRAIN_TEMPLATES if digits else GENERIC_TEMPLATES[:3])
-            captions, choices = _label_captions(names, tuple(seen), y_tr)
+            captions = [t.format(n) for c in names for t in seen for n in c]  # class-major, C * T * F
+            m = len(captions) // len(names)
+            choices = y_tr[:, None] * m + np.arange(m)  # [N, T * F]: the rows of each example's class
         (x_tr,), (mean, std) = common.standardise(x_tr)
         embed = args.embed_dim if args.image_head == "linear" else int(x_tr.shape[1])
         cfg = TextConfig(max_len=args.max_len, width=args.text_width, depth=args.text_depth,

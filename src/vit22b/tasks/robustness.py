@@ -89,8 +89,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    t = fit_temperature(logits, labels)
+def calibration(logits: np.ndarray, labels: np.ndarray, t: float | None = None) -> dict[str, float]:
+    """ECE and NLL before and after temperature t (default: fit on these logits)."""
+    t = fit_temperature(logits, labels) if t is None else t
     return {"temperature": t, "ece": ece(softmax(logits, axis=1), labels),
             "ece_scaled": ece(softmax(logits / t, axis=1), labels),
             "nll": nll(logits, labels), "nll_scaled": nll(logits, labels, t)}
@@ -101,10 +102,8 @@ def held_out_calibration(logits: np.ndarray, labels: np.ndarray, seed: int = 0) 
     order = np.random.default_rng(seed).permutation(len(labels))
     fit, report = order[: len(order) // 2], order[len(order) // 2:]
     t = fit_temperature(logits[fit], labels[fit])
-    lg, lb = logits[report], labels[report]
-    return {"temperature": t, "fit_examples": len(fit), "report_examples": len(report),
-            "ece": ece(softmax(lg, axis=1), lb), "ece_scaled": ece(softmax(lg / t, axis=1), lb),
-            "nll": nll(lg, lb), "nll_scaled": nll(lg, lb, t)}
+    return {**calibration(logits[report], labels[report], t), "fit_examples": len(fit),
+            "report_examples": len(report)}
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -119,12 +118,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         raise DataError(f"the checkpoint's classifier has {cfg.num_classes} classes but {dataset.name!r} "
                         f"has {dataset.num_classes}: evaluate on the data it was trained for")
     logits_fn = jax.jit(lambda x: model(x)[0])
-    shifts = default_shifts()
     results: dict[str, Any] = {"task": "robustness", "checkpoint": str(args.checkpoint),
                                "data": dataset.name, "image_size": dataset.image_size,
                                "val_examples": dataset.val_size, "shifts": {},
                                "channel_adaptation": adaptation}
-    for name, shift in shifts.items():
+    for name, shift in default_shifts().items():
         logits, labels = common.run_batches(logits_fn, dataset, "val", args.batch_size, not args.no_progress,
                                             name, transform=shift)
         acc = float(np.mean(logits.argmax(1) == labels))

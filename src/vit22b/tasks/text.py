@@ -9,14 +9,15 @@ Text tower (the CLIP / LiT text encoder, shrunk): token + learned position embed
 pre-LN transformer blocks (x += MHA(LN(x)); x += MLP(LN(x)), GELU) whose attention ignores pad
 keys, a final LN, pooling by the eos token (CLIP) or the mean over real tokens, then a linear
 projection (no bias) to the joint embedding dim. Written as plain jax functions over a nested
-params dict, so that `vit22b.weights.flatten` / `unflatten` + safetensors save and load it.
+params dict, so that `vit22b.weights.flatten` / `unflatten` + safetensors save and load it; video.py's
+temporal head is built from the same blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -98,48 +99,83 @@ class TextConfig:
         return cls(**json.loads(text))
 
 
+def init_ln(width: int) -> Params:
+    return {"scale": np.ones(width, np.float32), "bias": np.zeros(width, np.float32)}
+
+
+def init_block(width: int, mlp_dim: int, kernel: Callable[[int, int], np.ndarray]) -> Params:
+    """One `block`'s params: kernel(fan_in, fan_out) for the matrices (qkv fused, [W, 3W]), LN (1, 0),
+    biases 0; numpy, so no per-shape RNG kernels get compiled."""
+    w, m = width, mlp_dim
+
+    def dense(fan_in: int, fan_out: int) -> Params:
+        return {"kernel": kernel(fan_in, fan_out), "bias": np.zeros(fan_out, np.float32)}
+
+    return {"ln1": init_ln(w), "qkv": dense(w, 3 * w), "out": dense(w, w), "ln2": init_ln(w),
+            "mlp1": dense(w, m), "mlp2": dense(m, w)}
+
+
 def init_text_params(cfg: TextConfig, seed: int = 0) -> Params:
     """CLIP-style init: embeddings N(0, 0.02) / N(0, 0.01), kernels N(0, 1/fan_in), LN (1, 0),
-    biases 0, the projection N(0, 1/width). numpy, so no per-shape RNG kernels get compiled."""
+    biases 0, the projection N(0, 1/width)."""
     rng = np.random.default_rng(seed)
 
     def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
-    w, m = cfg.width, cfg.mlp_dim
-    ones, zeros = np.ones(w, np.float32), np.zeros(w, np.float32)
+    def kernel(fan_in: int, fan_out: int) -> np.ndarray:
+        return normal((fan_in, fan_out), fan_in ** -0.5)
+
+    w = cfg.width
     params: Params = {"token_embedding": normal((cfg.vocab_size, w), 0.02),
                       "pos_embedding": normal((cfg.max_len, w), 0.01)}
     for i in range(cfg.depth):
-        params[f"block_{i}"] = {
-            "ln1": {"scale": ones.copy(), "bias": zeros.copy()},
-            "qkv": {"kernel": normal((w, 3 * w), w ** -0.5), "bias": np.zeros(3 * w, np.float32)},
-            "out": {"kernel": normal((w, w), w ** -0.5), "bias": zeros.copy()},
-            "ln2": {"scale": ones.copy(), "bias": zeros.copy()},
-            "mlp1": {"kernel": normal((w, m), w ** -0.5), "bias": np.zeros(m, np.float32)},
-            "mlp2": {"kernel": normal((m, w), m ** -0.5), "bias": zeros.copy()},
-        }
-    params["final_ln"] = {"scale": ones.copy(), "bias": zeros.copy()}
-    params["proj"] = {"kernel": normal((w, cfg.embed_dim), w ** -0.5)}
+        params[f"block_{i}"] = init_block(w, cfg.mlp_dim, kernel)
+    params["final_ln"] = init_ln(w)
+    params["proj"] = {"kernel": kernel(w, cfg.embed_dim)}
     return jax.tree.map(jnp.asarray, params)
 
 
-def _layer_norm(x: jax.Array, p: Params, eps: float = 1e-6) -> jax.Array:
+# Plain functions over nested dicts (leaves: arrays, or the nnx.Params of video's temporal head),
+# shared by the text tower and `tasks.video.TransformerHead`.
+def dense(x: jax.Array, p: Params) -> jax.Array:
+    return x @ p["kernel"] + p["bias"]
+
+
+def layer_norm(x: jax.Array, p: Params, eps: float = 1e-6) -> jax.Array:
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _attention(x: jax.Array, p: Params, mask: jax.Array, num_heads: int) -> jax.Array:
-    """Bidirectional multi-head self-attention; pad keys (mask False) get zero weight."""
-    b, n, w = x.shape
-    qkv = (x @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(b, n, 3, num_heads, w // num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+def residual_mlp(x: jax.Array, p: Params) -> jax.Array:
+    """x + MLP(LN(x)), GELU, with p's "ln2", "mlp1" and "mlp2"."""
+    h = jax.nn.gelu(dense(layer_norm(x, p["ln2"]), p["mlp1"]))
+    return x + h @ p["mlp2"]["kernel"] + p["mlp2"]["bias"]  # summed in the tower's original order
+
+
+def attention(xq: jax.Array, xkv: jax.Array, p: Params, num_heads: int,
+              mask: jax.Array | None = None) -> jax.Array:
+    """Multi-head softmax(q k^T / sqrt(d_head)) v, q from xq [B, Lq, W], k and v from xkv [B, Lk, W]
+    through the fused p["qkv"] kernel [W, 3W] (one matmul when xkv is xq), then p["out"]. Keys where
+    mask [B, Lk] is False (pad) get zero weight."""
+    b, n, w = xq.shape
+    q, k, v = jnp.split(dense(xq, p["qkv"]), 3, axis=-1)
+    if xkv is not xq:  # cross-attention (video's MAP pooling: a probe attends over the tokens)
+        k, v = jnp.split(dense(xkv, p["qkv"])[..., w:], 2, axis=-1)
+    q, k, v = (t.reshape(*t.shape[:2], num_heads, -1) for t in (q, k, v))  # [B, L, H, Dh]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(w // num_heads)
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, w)
-    return out @ p["out"]["kernel"] + p["out"]["bias"]
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, n, w)
+    return dense(out, p["out"])
+
+
+def block(x: jax.Array, p: Params, num_heads: int, mask: jax.Array | None = None) -> jax.Array:
+    """Pre-LN encoder block (`init_block`'s params): x + MHSA(LN(x)), then + MLP(LN(x))."""
+    y = layer_norm(x, p["ln1"])
+    x = x + attention(y, y, p, num_heads, mask)
+    return residual_mlp(x, p)
 
 
 def trim(tokens: np.ndarray) -> np.ndarray:
@@ -159,11 +195,8 @@ def encode_text(params: Params, cfg: TextConfig, tokens: jax.Array) -> jax.Array
     mask = tokens != PAD  # [B, L]; eos counts as a real token (it is the CLIP pooling slot)
     x = params["token_embedding"][tokens] + params["pos_embedding"][None, :length]  # [B, L, W]
     for i in range(cfg.depth):
-        p = params[f"block_{i}"]
-        x = x + _attention(_layer_norm(x, p["ln1"]), p, mask, cfg.num_heads)
-        h = jax.nn.gelu(_layer_norm(x, p["ln2"]) @ p["mlp1"]["kernel"] + p["mlp1"]["bias"])
-        x = x + h @ p["mlp2"]["kernel"] + p["mlp2"]["bias"]
-    x = _layer_norm(x, params["final_ln"])
+        x = block(x, params[f"block_{i}"], cfg.num_heads, mask)
+    x = layer_norm(x, params["final_ln"])
     if cfg.pool == "eos":  # the (single) eos position: argmax of a one-hot row
         pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens == EOS, axis=1)]
     else:

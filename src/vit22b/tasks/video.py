@@ -8,15 +8,15 @@ ViViT factorised-encoder style):
    checkpoint once (eval preprocessing, no augmentation): `pre_logits` -> [clips, T, D], or token
    features (`encoded`, `stem`, `block_i`) -> [clips, T, P, D]; `<name>-mean` (mean over tokens)
    also works. The features are standardised per dimension with the train statistics.
-2. A temporal head is trained on them with softmax cross-entropy (`common.fit_head`: AdamW, weight
-   decay on matrices only, linear warm-up (5%) + cosine decay), random minibatches without replacement:
+2. A temporal head is trained on them with softmax cross-entropy (`common.fit_module`: AdamW, weight
+   decay on matrices only, warm-up + cosine decay, random minibatches without replacement):
    - `mean`: average over time (and tokens) + a linear classifier (temporal average pooling; blind
      to frame order by construction);
    - `concat`: a linear classifier on the concatenated frames (order-aware, no weight sharing);
    - `transformer`: a linear embedding to `--head-width`, learned temporal position embedding
      (token features: each frame's grid embedded as one token, or `--tokens joint`: every token
      embedded, + a learned spatial position embedding, attended jointly), `--head-depth`
-     pre-LN blocks (MHSA + GELU MLP), a final LayerNorm, a CLS token (ViViT) or MAP pooling
+     pre-LN blocks (text.py's: MHSA + GELU MLP), a final LayerNorm, a CLS token (ViViT) or MAP pooling
      (big_vision MAPHead: probe attends, then x + MLP(LN(x))), and a linear classifier.
    Classifiers are zero-initialised (big_vision).
 3. Top-1 on val and train is reported per head (several heads can share one feature pass:
@@ -30,6 +30,7 @@ ViViT factorised-encoder style):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from typing import Any
@@ -40,11 +41,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vit22b.features import feature_fn
-from vit22b.model import ViT
-from vit22b.tasks import common
+from vit22b.tasks import common, text
 from vit22b.tasks.common import TaskError, predict  # predict: a head's logits in batches
-from vit22b.tasks.video_data import ClipDataset, clip_features, load_clip_folder, load_moving_digits
+from vit22b.tasks.video_data import clip_features, load_clip_folder, load_moving_digits
 
 HEADS = ("mean", "concat", "transformer")
 Rng = np.random.Generator
@@ -54,92 +53,40 @@ Rng = np.random.Generator
 # Layers are initialised from a numpy Generator: jax's per-shape RNG kernels cost seconds of XLA
 # compilation on CPU, more than training a head this size. Inits follow big_vision / scenic:
 # xavier-uniform kernels, zero biases, posemb normal(0.02), zero classifier.
-def _xavier(rng: Rng, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
+def _xavier(rng: Rng, fan_in: int, fan_out: int) -> jax.Array:
     limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return jnp.asarray(rng.uniform(-limit, limit, shape), jnp.float32)
+    return jnp.asarray(rng.uniform(-limit, limit, (fan_in, fan_out)), jnp.float32)
+
+
+def _params(tree: Any) -> Any:
+    """numpy arrays -> nnx.Params, in text.py's nested-dict layout (for its transformer functions)."""
+    return nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.asarray(a)), tree))
 
 
 class Dense(nnx.Module):
     """x @ kernel + bias, kernel [in, out] xavier-uniform (or zeros)."""
 
     def __init__(self, rng: Rng, fan_in: int, fan_out: int, *, zero: bool = False):
-        self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero
-                                else _xavier(rng, fan_in, fan_out, (fan_in, fan_out)))
+        self.kernel = nnx.Param(jnp.zeros((fan_in, fan_out)) if zero else _xavier(rng, fan_in, fan_out))
         self.bias = nnx.Param(jnp.zeros((fan_out,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel[...] + self.bias[...]
 
 
-class LayerNorm(nnx.Module):
-    def __init__(self, width: int):
-        self.scale, self.bias = nnx.Param(jnp.ones((width,))), nnx.Param(jnp.zeros((width,)))
+class LinearHead(nnx.Module):
+    """A linear classifier on mean_{t(,p)} x[b] (`mean`) or on flatten(x)[b] (`concat`: a separate
+    weight per frame, so order matters)."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
-
-
-class Attention(nnx.Module):
-    """Multi-head dot-product attention: softmax(q k^T / sqrt(d_head)) v, q from `xq`, k and v from
-    `xkv`, then an output projection (flax MultiHeadDotProductAttention's layout, biases on)."""
-
-    def __init__(self, rng: Rng, width: int, num_heads: int):
-        self.num_heads = num_heads
-        self.q, self.kv = Dense(rng, width, width), Dense(rng, width, 2 * width)
-        self.out = Dense(rng, width, width)
-
-    def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
-        def heads(t: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, H, W/H]
-            return t.reshape(*t.shape[:2], self.num_heads, -1)
-
-        q = heads(self.q(xq))
-        k, v = (heads(t) for t in jnp.split(self.kv(xkv), 2, axis=-1))
-        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
-        return self.out(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(*xq.shape[:2], -1))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, rng: Rng, width: int, mlp_dim: int):
-        self.fc1, self.fc2 = Dense(rng, width, mlp_dim), Dense(rng, mlp_dim, width)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x)))
-
-
-class Block(nnx.Module):
-    """Pre-LN encoder block: x + MHSA(LN(x)), then + MLP(LN(x))."""
-
-    def __init__(self, rng: Rng, width: int, num_heads: int, mlp_dim: int):
-        self.ln1, self.ln2 = LayerNorm(width), LayerNorm(width)
-        self.attn = Attention(rng, width, num_heads)
-        self.mlp = Mlp(rng, width, mlp_dim)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.ln1(x)
-        x = x + self.attn(y, y)
-        return x + self.mlp(self.ln2(x))
-
-
-class MeanHead(nnx.Module):
-    """logits = mean_{t(,p)} x[b, t, (p,) :] @ W + b."""
-
-    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
-        self.classifier = Dense(rng, feat_shape[-1], num_classes, zero=True)
+    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int, *, concat: bool):
+        self.concat = concat
+        fan_in = math.prod(feat_shape) if concat else feat_shape[-1]
+        self.classifier = Dense(rng, fan_in, num_classes, zero=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] or [B, T, P, D] -> [B, C]
+        if self.concat:
+            return self.classifier(x.reshape(x.shape[0], -1))
         return self.classifier(x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1))
-
-
-class ConcatHead(nnx.Module):
-    """logits = flatten(x)[b] @ W + b: a separate weight per frame, so order matters."""
-
-    def __init__(self, rng: Rng, feat_shape: tuple[int, ...], num_classes: int):
-        self.classifier = Dense(rng, math.prod(feat_shape), num_classes, zero=True)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.classifier(x.reshape(x.shape[0], -1))
 
 
 class TransformerHead(nnx.Module):
@@ -162,18 +109,18 @@ class TransformerHead(nnx.Module):
         # attends over all T*P with a learned spatial posemb beside the temporal one.
         self.flatten = len(feat_shape) == 3 and tokens == "frame"
         self.embed = Dense(rng, feat_shape[1] * D if self.flatten else D, width)
-        self.time_pos = nnx.Param(jnp.asarray(0.02 * rng.standard_normal((T, width)), jnp.float32))
-        self.space_pos = (nnx.Param(jnp.asarray(0.02 * rng.standard_normal((feat_shape[1], width)),
-                                                jnp.float32))
-                          if len(feat_shape) == 3 and not self.flatten else None)
+        posemb = lambda n: nnx.Param(jnp.asarray(0.02 * rng.standard_normal((n, width)), jnp.float32))  # noqa: E731
+        self.time_pos = posemb(T)
+        self.space_pos = posemb(feat_shape[1]) if len(feat_shape) == 3 and not self.flatten else None
         self.cls = nnx.Param(jnp.zeros((1, width))) if pool == "cls" else None  # ViViT/scenic
-        self.blocks = nnx.List([Block(rng, width, num_heads, mlp_dim) for _ in range(depth)])
-        self.norm = LayerNorm(width)
-        if pool == "map":
-            self.probe = nnx.Param(_xavier(rng, 1, width, (1, width)))
-            self.map_attn = Attention(rng, width, num_heads)
-            self.map_ln = LayerNorm(width)
-            self.map_mlp = Mlp(rng, width, mlp_dim)
+        self.num_heads = num_heads
+        kernel = functools.partial(_xavier, rng)
+        self.blocks = nnx.List([_params(text.init_block(width, mlp_dim, kernel)) for _ in range(depth)])
+        self.norm = _params(text.init_ln(width))
+        if pool == "map":  # big_vision MAPHead: no LN before the attention, so no "ln1"
+            self.probe = nnx.Param(_xavier(rng, 1, width))
+            self.map = _params({k: v for k, v in text.init_block(width, mlp_dim, kernel).items()
+                                if k != "ln1"})
         self.classifier = Dense(rng, width, num_classes, zero=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,14 +133,15 @@ class TransformerHead(nnx.Module):
         h = h.reshape(B, -1, h.shape[-1])  # [B, L, W], L = T or T*P (time-major)
         if self.cls is not None:
             h = jnp.concatenate([jnp.broadcast_to(self.cls[...], (B, 1, h.shape[-1])), h], axis=1)
-        for block in self.blocks:
-            h = block(h)
-        h = self.norm(h)
+        for p in self.blocks:
+            h = text.block(h, p, self.num_heads)
+        h = text.layer_norm(h, self.norm)
         if self.pool == "cls":
             pooled = h[:, 0]
         else:  # MAP: the probe attends over all tokens (no residual), then a residual MLP
-            y = self.map_attn(jnp.broadcast_to(self.probe[...], (B, 1, h.shape[-1])), h)
-            pooled = (y + self.map_mlp(self.map_ln(y)))[:, 0]
+            probe = jnp.broadcast_to(self.probe[...], (B, 1, h.shape[-1]))
+            y = text.attention(probe, h, self.map, self.num_heads)
+            pooled = text.residual_mlp(y, self.map)[:, 0]
         return self.classifier(pooled)
 
 
@@ -201,10 +149,8 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed:
               **transformer: Any) -> nnx.Module:
     """A head by name (`HEADS`); `transformer` kwargs: width, depth, num_heads, mlp_dim, pool, tokens."""
     rng = np.random.default_rng(seed)
-    if kind == "mean":
-        return MeanHead(rng, feat_shape, num_classes)
-    if kind == "concat":
-        return ConcatHead(rng, feat_shape, num_classes)
+    if kind in ("mean", "concat"):
+        return LinearHead(rng, feat_shape, num_classes, concat=kind == "concat")
     if kind == "transformer":
         return TransformerHead(rng, feat_shape, num_classes, **transformer)
     raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
@@ -214,55 +160,20 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int, *, seed:
 def train_head(head: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 500,
                batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-4, seed: int = 0,
                progress: bool = True, desc: str = "head") -> tuple[nnx.Module, float]:
-    """Train `head` on features x [N, ...] / labels y [N]; returns (trained head, last loss).
-    Step s draws batch_size distinct examples with the key fold_in(key(seed), s)."""
-    graphdef, params = nnx.split(head)
-    n, b = len(y), min(batch_size, len(y))
-    key = jax.random.key(seed)
+    """Train `head` on features x [N, ...] / labels y [N] by softmax cross-entropy
+    (`common.fit_module`); returns (trained head, last loss)."""
+    def loss_fn(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def loss_fn(p: Any, data: tuple[jax.Array, jax.Array], s: jax.Array) -> jax.Array:
-        xs, ys = data
-        idx = jax.random.choice(jax.random.fold_in(key, s), n, (b,), replace=False)
-        logits = nnx.merge(graphdef, p)(xs[idx])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ys[idx]).mean()
-
-    data = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
-    params, losses = common.fit_head(loss_fn, params, data=data, steps=steps, lr=lr, wd=wd, progress=progress,
-                                     desc=desc)
-    return nnx.merge(graphdef, params), float(losses[-1])
-
-
-# ----------------------------------------------------------------------------- features
-def frame_fn(model: ViT, name: str) -> Any:
-    """Jitted frames [B, S, S, C] -> [B, D] (pre_logits, <x>-mean) or [B, P, D] (token features)."""
-    if name == "pre_logits" or name.endswith("-mean"):
-        return common.batch_fn(model, name)
-    try:  # a token intermediate is valid exactly when its token mean is
-        base, _, layers = common.parse_feature(model, name + "-mean")
-    except TaskError:
-        raise TaskError(f"--feature {name!r} is not one this model produces: use pre_logits, a token "
-                        f"feature ({', '.join(common.TOKEN_FEATURES)}, block_0..block_"
-                        f"{model.cfg.depth - 1}) or its mean over tokens (<name>-mean)") from None
-    return feature_fn(model, base, layers)
+    head, losses = common.fit_module(head, x, y, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
+                                     wd=wd, seed=seed, progress=progress, desc=desc)
+    return head, float(losses[-1])
 
 
 # ----------------------------------------------------------------------------- the command
 def _reversal_free(labels: np.ndarray) -> np.ndarray:
     """Generated-clip label -> (group, axis): right~left, down~up (DIRECTIONS order r, l, d, u)."""
     return (labels // 4) * 2 + (labels % 4) // 2
-
-
-def load_clips(data: str, *, image_size: int, in_channels: int, num_frames: int = 8, num_train: int = 2048,
-               num_val: int = 512, seed: int = 0, digit_size: int | None = None, travel: int | None = None,
-               digit_groups: int = 2, val_fraction: float = 0.2) -> ClipDataset:
-    """`data` 'synthetic' (generated moving digits; `num_train`, `num_val`, `digit_size`, `travel`,
-    `digit_groups`) or a clip folder (`val_fraction`)."""
-    if data == "synthetic":
-        return load_moving_digits(image_size, in_channels, num_frames=num_frames, num_train=num_train,
-                                  num_val=num_val, seed=seed, digit_size=digit_size, travel=travel,
-                                  digit_groups=digit_groups)
-    return load_clip_folder(data, image_size, in_channels, num_frames=num_frames, val_fraction=val_fraction,
-                            seed=seed)
 
 
 def cmd_video(args: argparse.Namespace) -> int:
@@ -272,11 +183,15 @@ def cmd_video(args: argparse.Namespace) -> int:
         if kind not in HEADS:
             raise TaskError(f"--head {kind!r}: use one of {', '.join(HEADS)} (comma-separated for several)")
     model = common.load_backbone(args.checkpoint, args.image_size)
-    fn = frame_fn(model, args.feature)
-    data = load_clips(args.data, image_size=model.cfg.image_size, in_channels=model.cfg.in_channels,
-                      num_frames=args.num_frames, num_train=args.num_train, num_val=args.num_val,
-                      seed=args.seed, digit_size=args.digit_size, travel=args.travel,
-                      digit_groups=args.digit_groups, val_fraction=args.val_fraction)
+    fn = common.batch_fn(model, args.feature, tokens=True)  # [B, D], or [B, P, D] for token features
+    size, channels = model.cfg.image_size, model.cfg.in_channels
+    if args.data == "synthetic":
+        data = load_moving_digits(size, channels, num_frames=args.num_frames, num_train=args.num_train,
+                                  num_val=args.num_val, seed=args.seed, digit_size=args.digit_size,
+                                  travel=args.travel, digit_groups=args.digit_groups)
+    else:
+        data = load_clip_folder(args.data, size, channels, num_frames=args.num_frames,
+                                val_fraction=args.val_fraction, seed=args.seed)
     progress = not args.no_progress
     t1 = time.time()
     x_tr, y_tr = clip_features(fn, data, "train", args.feature_batch_size, progress)

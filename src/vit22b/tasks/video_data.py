@@ -100,10 +100,9 @@ def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
     if num_available <= 0 or num_frames <= 0:
         raise DataError(f"cannot sample {num_frames} frame(s) from a clip of {num_available}: "
                         "both must be positive")
-    if num_available < num_frames:
-        return np.concatenate([np.arange(num_available),
-                               np.full(num_frames - num_available, num_available - 1)]).astype(np.int64)
     i = np.arange(num_frames, dtype=np.int64)
+    if num_available < num_frames:
+        return np.minimum(i, num_available - 1)
     return (2 * i + 1) * num_available // (2 * num_frames)
 
 
@@ -146,12 +145,8 @@ def render_clip(digit: np.ndarray, positions: np.ndarray, canvas: int) -> np.nda
 
 def moving_digit_classes(digit_groups: int = 2) -> tuple[str, ...]:
     """Class names; label = group * 4 + direction index (groups split 0..9 into equal runs)."""
-    names = []
-    for g in range(digit_groups):
-        members = [d for d in range(10) if d * digit_groups // 10 == g]
-        for direction in DIRECTIONS:
-            names.append(f"{members[0]}-{members[-1]} {direction}")
-    return tuple(names)
+    groups = [[d for d in range(10) if d * digit_groups // 10 == g] for g in range(digit_groups)]
+    return tuple(f"{members[0]}-{members[-1]} {direction}" for members in groups for direction in DIRECTIONS)
 
 
 def make_moving_digits(num_clips: int, pool: tuple[np.ndarray, np.ndarray], *, canvas: int,
@@ -220,30 +215,26 @@ def _frame_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _npy_header(path: Path, in_channels: int) -> int:
-    """Frames in a .npy clip after checking it is uint8 [T, H, W, C] with the checkpoint's C."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read clip {str(path)!r} ({e}): save it with np.save as a uint8 "
-                        "array [T, H, W, C]") from e
-    if arr.ndim != 4 or arr.dtype != np.uint8:
-        raise DataError(f"clip {str(path)!r} is a {arr.dtype} array of shape {arr.shape}: save a "
-                        "uint8 array [T, H, W, C]")
-    if arr.shape[-1] != in_channels:
-        raise DataError(f"clip {str(path)!r} has {arr.shape[-1]} channel(s) but the checkpoint takes "
-                        f"{in_channels}: save [T, H, W, {in_channels}] frames (or use a checkpoint "
-                        f"trained on {arr.shape[-1]}-channel images)")
-    return int(arr.shape[0])
-
-
 def count_frames(source: str | Path, in_channels: int) -> int:
-    """Frames a clip source holds (frame images in a folder, frames of a file, .npy length)."""
+    """Frames a clip source holds (frame images in a folder, frames of a file, .npy length); a .npy
+    must be uint8 [T, H, W, C] with the checkpoint's C."""
     path = Path(source)
     if path.is_dir():
         return len(_frame_files(path))
     if path.suffix.lower() == ".npy":
-        return _npy_header(path, in_channels)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read clip {str(path)!r} ({e}): save it with np.save as a uint8 "
+                            "array [T, H, W, C]") from e
+        if arr.ndim != 4 or arr.dtype != np.uint8:
+            raise DataError(f"clip {str(path)!r} is a {arr.dtype} array of shape {arr.shape}: save a "
+                            "uint8 array [T, H, W, C]")
+        if arr.shape[-1] != in_channels:
+            raise DataError(f"clip {str(path)!r} has {arr.shape[-1]} channel(s) but the checkpoint takes "
+                            f"{in_channels}: save [T, H, W, {in_channels}] frames (or use a checkpoint "
+                            f"trained on {arr.shape[-1]}-channel images)")
+        return int(arr.shape[0])
     try:
         with Image.open(path) as im:
             return int(getattr(im, "n_frames", 1))
@@ -352,8 +343,8 @@ def load_clip_folder(path: str | Path, image_size: int, in_channels: int, *, num
         if len(va) == 0:
             raise DataError(f"--val-fraction {val_fraction} holds out no clip of {str(root)!r}: raise "
                             "it, add clips, or give DIR/train and DIR/val folders")
-        train = ClipSplit(lab[tr], sources=tuple(src[i] for i in tr), frame_counts=tuple(cnt[i] for i in tr))
-        val = ClipSplit(lab[va], sources=tuple(src[i] for i in va), frame_counts=tuple(cnt[i] for i in va))
+        train, val = (ClipSplit(lab[ix], sources=tuple(src[i] for i in ix),
+                                frame_counts=tuple(cnt[i] for i in ix)) for ix in (tr, va))
     return ClipDataset(str(path), classes, image_size, in_channels, num_frames, train, val)
 
 
