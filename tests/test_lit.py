@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_task
 from vit22b.data import DataError
-from vit22b.tasks import lit
+from vit22b.tasks import lit, probe
 from vit22b.tasks.text import EOS, TextConfig
 
 TINY = ["--text-width", "32", "--text-depth", "1", "--embed-dim", "32", "--max-len", "40", "--no-progress"]
@@ -159,9 +159,9 @@ def test_class_names_templates_and_batch_errors():
 
 
 @pytest.mark.slow
-def test_lit_command_trains_reloads_and_beats_chance(digits_ckpt, tmp_path, capsys):
+def test_lit_command_trains_reloads_and_approaches_the_probe(digits_ckpt, tmp_path, capsys):
     work, ckpt = tmp_path / "lit", str(digits_ckpt)
-    assert run_task(lit, ["--checkpoint", ckpt, "--workdir", str(work), "--steps", "40",
+    assert run_task(lit, ["--checkpoint", ckpt, "--workdir", str(work), "--steps", "150",
                           "--batch-size", "128", "--lr", "3e-3", *TINY]) == 0
     res = json.loads((work / "lit.json").read_text())
     zs = res["zero_shot"]
@@ -171,8 +171,13 @@ def test_lit_command_trains_reloads_and_beats_chance(digits_ckpt, tmp_path, caps
     assert zs["unseen_templates"] == [t for t in lit.DIGIT_TEMPLATES if t not in lit.TRAIN_TEMPLATES]
     assert zs["unseen_templates"] and 0 < res["temperature"] <= 100
     assert res["temperature"] != pytest.approx(1 / 0.07, rel=1e-3)  # trained from its init
-    # 40 steps on this 30-step 8 px checkpoint give ~0.4 (seeds 0, 1); chance is 0.1
-    assert zs["top1"] > 0.2, zs["top1"]
+    # the baseline zero-shot should approach: a linear probe on the same frozen features (LiT
+    # locks the image tower). Measured: probe 82.2%, zero-shot 72.5% after 150 steps (46.9% after
+    # 40); a text tower that learned nothing would sit near chance, 10%.
+    assert run_task(probe, ["--checkpoint", ckpt, "--out", str(tmp_path / "probe.json"),
+                            "--no-progress"]) == 0
+    probe_top1 = json.loads((tmp_path / "probe.json").read_text())["val_accuracy"]
+    assert zs["top1"] >= probe_top1 - 0.15, (zs["top1"], probe_top1)
     assert "LiT zero-shot top-1" in capsys.readouterr().out
     # reload: the same numbers from the saved tower, without training
     assert run_task(lit, ["--checkpoint", ckpt, "--zero-shot-only", "--text-tower", str(work),
