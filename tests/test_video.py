@@ -251,7 +251,9 @@ def test_video_command_end_to_end(digits_ckpt, tmp_path, capsys):
     assert r["feature_shape"] == [4, 32] and r["num_classes"] == 8 and r["val_clips"] == 8
     for kind in ("mean", "transformer"):
         h = r["heads"][kind]
-        assert 0 <= h["val_accuracy"] <= 1 and 0 <= h["train_accuracy"] <= 1
+        # accuracies are shares of the 8 val and 16 train clips (what the heads learn is tested
+        # above, against numpy and against mean pooling)
+        assert (8 * h["val_accuracy"]).is_integer() and (16 * h["train_accuracy"]).is_integer()
         assert h["val_accuracy_up_to_reversal"] >= h["val_accuracy"]
     assert "transformer head: val top-1" in capsys.readouterr().out
     folder = tmp_path / "clips"
