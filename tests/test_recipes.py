@@ -43,3 +43,12 @@ def test_overrides_and_run_length_scaling(digits):
 def test_init_and_preset_together_is_refused(digits):
     with pytest.raises(ConfigError, match="drop --preset"):
         train_config_for(digits, "digits", preset_name="mu/4", init_from="somewhere")
+
+
+def test_flag_help_shows_each_data_sets_default():
+    """`vit22b train --help` is generated from the recipes: what an unset flag means per data set."""
+    from vit22b.recipes import effective_default
+
+    assert effective_default("learning_rate") == "digits: 0.003; fashion-mnist: 0.002; else: 0.001"
+    assert effective_default("batch_size") == "all data: 128"
+    assert effective_default("preset") == "digits: nano/4; fashion-mnist: nano/7; else: Ti/16"

@@ -25,7 +25,24 @@ from vit22b.cli_args import (
 from vit22b.config import ConfigError, preset
 from vit22b.convert_cli import add_parsers as add_convert_parsers
 from vit22b.plan import add_plan_parser
-from vit22b.recipes import RECIPES
+from vit22b.recipes import effective_default
+
+# Flags whose default is the data set's recipe: (flag, Recipe field, type, choices, what it sets).
+_RECIPE_FLAGS: list[tuple[str, str, Any, list[str] | None, str]] = [
+    ("--preset", "preset", str, None, "model preset, e.g. B/16"),
+    ("--image-size", "image_size", int, None, "input resolution"),
+    ("--steps", "steps", int, None, "training steps"),
+    ("--batch-size", "batch_size", int, None, "global batch"),
+    ("--loss", "loss", str, ["sigmoid", "softmax"], "sigmoid: JFT-style multi-label, as the paper"),
+    ("--label-smoothing", "label_smoothing", float, None, "targets (1 - e) onehot + e / classes"),
+    ("--optimizer", "optimizer", str, ["adafactor", "adamw", "sgd"], "the paper's is adafactor"),
+    ("--lr", "learning_rate", float, None, "peak learning rate"),
+    ("--schedule", "schedule", str, ["rsqrt", "cosine", "constant"], "learning-rate schedule"),
+    ("--warmup", "warmup_fraction", int, None, "warm-up steps (the paper: 10k of 177k)"),
+    ("--cooldown", "cooldown_fraction", int, None, "rsqrt cool-down steps (the paper: 30k of 177k)"),
+    ("--wd", "weight_decay", float, None, "decoupled weight decay (x lr)"),
+    ("--head-wd-mult", "head_wd_mult", float, None, "weight-decay multiplier of the head"),
+]
 
 
 def _train_parser(sub: Any) -> None:
@@ -40,25 +57,10 @@ def _train_parser(sub: Any) -> None:
                    help="MNIST-format data: evaluate on the test split, or on a held-out part of the "
                    "training images (for choosing a recipe without touching the test split)")
     g = p.add_argument_group("recipe (unset flags: the data set's recipe in recipes.py, else the paper's)")
-    g.add_argument("--preset", default=None, help="e.g. B/16 (digits: nano/4, fashion-mnist: "
-                   f"{RECIPES['fashion-mnist'].preset}, folders: Ti/16)")
-    g.add_argument("--image-size", type=int, default=None, help="default: the data set's native size "
-                   "(digits 16, folders 224)")
-    g.add_argument("--steps", type=int, default=None, help="default 1500 on digits, "
-                   f"{RECIPES['fashion-mnist'].steps} on fashion-mnist, 10000 else")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
-    g.add_argument("--loss", choices=["sigmoid", "softmax"], default=None, help="default sigmoid (paper)")
-    g.add_argument("--label-smoothing", type=float, default=None)
-    g.add_argument("--optimizer", choices=["adafactor", "adamw", "sgd"], default=None,
-                   help="default adafactor (paper)")
-    g.add_argument("--lr", type=float, default=None, help="peak (default 1e-3; 3e-3 on digits)")
-    g.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default=None, help="default rsqrt")
-    g.add_argument("--warmup", type=int, default=None,
-                   help="steps (default: the paper's 10k/177k of the run)")
-    g.add_argument("--cooldown", type=int, default=None, help="default: the paper's 30k/177k of the run")
+    for flag, field, kind, choices, what in _RECIPE_FLAGS:
+        g.add_argument(flag, type=kind, choices=choices, default=None,
+                       help=f"{what} (default {effective_default(field)})".replace("%", "%%"))
     g.add_argument("--timescale", type=int, default=None, help="rsqrt timescale (default = warmup)")
-    g.add_argument("--wd", type=float, default=None, help="decoupled weight decay (x lr; default 0.03)")
-    g.add_argument("--head-wd-mult", type=float, default=None, help="default 100 (paper)")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--no-augment", action="store_true")
     p.add_argument("--workdir", default=None, help="default workdirs/<data name>")

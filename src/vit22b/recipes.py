@@ -56,6 +56,22 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = Recipe()
 
 
+def effective_default(field: str) -> str:
+    """What a run gets for a Recipe field when its flag is not given, per data set: the flags'
+    help text, generated here so that it cannot drift from the recipes."""
+    def show(value: Any) -> str:
+        if value is None:
+            return "the data's native size (folders 224)"
+        if field.endswith("_fraction"):
+            return f"{value:.1%} of the steps"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    other = getattr(DEFAULT_RECIPE, field)
+    parts = [f"{name}: {show(getattr(r, field))}" for name, r in RECIPES.items()
+             if getattr(r, field) != other]
+    return "; ".join(parts + [f"{'else' if parts else 'all data'}: {show(other)}"])
+
+
 def recipe_for(data: str) -> Recipe:
     return RECIPES.get(data, DEFAULT_RECIPE)
 
