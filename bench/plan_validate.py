@@ -36,16 +36,11 @@ import jax.numpy as jnp  # noqa: E402
 from vit22b.config import preset  # noqa: E402
 from vit22b.flops import flops_per_image  # noqa: E402
 from vit22b.model import abstract_model, split_params  # noqa: E402
+from vit22b.objectives import abstract_teacher, distill_objective  # noqa: E402
 from vit22b.optim import OptimConfig  # noqa: E402
 from vit22b.plan import HARDWARE, GiB, format_search, memory, search  # noqa: E402
 from vit22b.sharding import batch_sharding, make_mesh  # noqa: E402
-from vit22b.train import (  # noqa: E402
-    TrainConfig,
-    abstract_teacher,
-    distill_objective,
-    make_train_step,
-    state_shardings,
-)
+from vit22b.train import TrainConfig, make_train_step, state_shardings  # noqa: E402
 
 # (preset, image size, global batch, mesh, remat, optimizer, grad_accum, model overrides)
 CONFIGS: list[tuple[str, int, int, str, str, str, int, dict[str, Any]]] = [
@@ -126,7 +121,7 @@ def xla_distill_memory(teacher_name: str, student_name: str, batch: int, mesh_sp
                                               sharding=batch_sharding(mesh, 4)),
                 "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
     frozen = abstract_teacher(teacher, mesh)
-    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size, cfg)
+    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size)
     start = time.time()
     with jax.set_mesh(mesh):
         step = make_train_step(graphdef, tx, cfg, shardings, mesh, loss_fn=objective,

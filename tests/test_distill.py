@@ -13,9 +13,10 @@ import pytest
 
 from vit22b.config import preset
 from vit22b.data import Split, load_digits_dataset
+from vit22b.objectives import TeacherError, kl_distill_loss
 from vit22b.tasks import distill as ds
 from vit22b.tasks.finetune import transfer_optim
-from vit22b.train import TrainConfig, TrainingError, kl_distill_loss, train
+from vit22b.train import TrainConfig, train
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -70,7 +71,7 @@ def test_teacher_must_fit_the_data(teacher, digits16):
     """Distillation matches the teacher's logits class by class: other classes are refused before
     the work dir is written. (Another resolution is fine: the teacher sees the batch resized.)"""
     five = dataclasses.replace(digits16, class_names=digits16.class_names[:5])
-    with pytest.raises(TrainingError, match=r"\(10 classes, 1 channels\) does not fit the data \(5"):
+    with pytest.raises(TeacherError, match=r"\(10 classes, 1 channels\) does not fit the data \(5"):
         ds.distill(teacher[0], "mu/4", five, None, steps=1, progress=False, mesh="1x1")
 
 

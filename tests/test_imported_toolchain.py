@@ -17,10 +17,11 @@ from vit22b.api import import_weights, load_model
 from vit22b.cli import main
 from vit22b.config import ConfigError
 from vit22b.model import abstract_model, apply, logical_axes, split_params
+from vit22b.objectives import classification_loss
 from vit22b.optim import OptimConfig
 from vit22b.sharding import make_mesh, param_spec
 from vit22b.tasks import distill, fewshot, finetune, lit, probe
-from vit22b.train import TrainConfig, classification_loss, init_state, make_train_step, to_global
+from vit22b.train import TrainConfig, init_state, make_train_step, to_global
 from vit22b.weights import flatten
 
 GOLDEN = Path(__file__).parent / "data" / "timm_vit" / "augreg.safetensors"

@@ -13,17 +13,11 @@ import pytest
 
 from vit22b.config import ConfigError, preset
 from vit22b.model import abstract_model, split_params
+from vit22b.objectives import abstract_teacher, distill_objective
 from vit22b.optim import OptimConfig
 from vit22b.plan import HARDWARE, HEADROOM, GiB, add_plan_parser, memory, plan, search, state_layout
 from vit22b.sharding import batch_sharding, make_mesh
-from vit22b.train import (
-    TrainConfig,
-    abstract_teacher,
-    distill_objective,
-    init_state,
-    make_train_step,
-    state_shardings,
-)
+from vit22b.train import TrainConfig, init_state, make_train_step, state_shardings
 
 # depth 2 makes the fused in-kernel (8 MB) exceed the 4 MiB FSDP threshold, so both the model and
 # the data axis shard it; the out-kernel (6 MB) too; the head and norms stay replicated.
@@ -148,7 +142,7 @@ def test_distill_22b_into_b16_memory_within_10_percent_of_xla() -> None:
                                               sharding=batch_sharding(mesh, 4)),
                 "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
     frozen = abstract_teacher(teacher, mesh)
-    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size, cfg)
+    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size)
     with jax.set_mesh(mesh):
         step = make_train_step(graphdef, tx, cfg, sh, mesh, loss_fn=objective,
                                frozen_shardings=frozen.shardings)

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
-from vit22b import train as train_mod
+from vit22b import objectives
 from vit22b.config import preset
 from vit22b.data import load_digits_dataset
 from vit22b.optim import OptimConfig
@@ -82,8 +82,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, digits8, monkeypat
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     weights_before = load_file(tmp_path / "model.safetensors")
 
-    real_loss = train_mod.classification_loss
-    monkeypatch.setattr(train_mod, "classification_loss",
+    real_loss = objectives.classification_loss
+    monkeypatch.setattr(objectives, "classification_loss",
                         lambda logits, labels, *rest: real_loss(logits, labels, *rest) * jnp.nan)
     with pytest.raises(TrainingError, match="non-finite.*last good checkpoint is step 3"):
         train(tiny_config(tmp_path, steps=9), digits8)

@@ -16,9 +16,8 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,16 @@ from vit22b.data import ImageDataset, load_dataset
 from vit22b.interrupt import StopSignals, TrainingInterrupted, agreed_stop
 from vit22b.metrics import MetricsWriter
 from vit22b.model import abstract_model, apply, init_model, logical_axes, split_params
+from vit22b.objectives import (
+    Loss,
+    LossFn,
+    Teacher,
+    classification_objective,
+    distill_objective,
+    load_teacher,
+    resize_images,
+    teacher_config,
+)
 from vit22b.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from vit22b.sharding import (
     batch_sharding,
@@ -45,7 +54,6 @@ from vit22b.sharding import (
 from vit22b.weights import CONFIG_FILE, save_model
 from vit22b.workdir import TRAIN_CONFIG_FILE, WorkdirError, check_resumable, lock_workdir
 
-Loss = Literal["sigmoid", "softmax"]
 State = dict[str, Any]
 
 
@@ -118,60 +126,6 @@ class TrainConfig:
             raise ValueError(f"distillation label weight must be in [0, 1], got {self.distill_label_weight}")
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, kind: Loss,
-                        label_smoothing: float = 0.0) -> jax.Array:
-    onehot = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    if kind == "softmax":
-        return optax.softmax_cross_entropy(logits, onehot).mean()
-    # big_vision's sigmoid_xent: sum over classes, mean over the batch.
-    return optax.sigmoid_binary_cross_entropy(logits, onehot).sum(-1).mean()
-
-
-def kl_distill_loss(student_logits: jax.Array, teacher_logits: jax.Array,
-                    temperature: float = 1.0) -> jax.Array:
-    """big_vision's `dist(kind='kl')`: t^2 * KL(softmax(teacher/t) || softmax(student/t)), summed
-    over classes, batch mean; no gradient flows into the teacher."""
-    t = temperature
-    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-    log_p = jax.nn.log_softmax(teacher / t, axis=-1)
-    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    return t**2 * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
-
-
-# loss_fn(params, batch, frozen) -> (loss, {metric: scalar}); `frozen` (the teacher's params, or
-# None) is an input of the step that gets no gradient.
-LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def classification_objective(graphdef: Any, cfg: TrainConfig) -> LossFn:
-    def loss_fn(params: Any, batch: dict[str, jax.Array], _: Any) -> tuple[jax.Array, dict]:
-        logits, _ = apply(graphdef, params, batch["image"])
-        return classification_loss(logits, batch["label"], cfg.loss, cfg.label_smoothing), {}
-    return loss_fn
-
-
-def resize_images(images: jax.Array, size: int) -> jax.Array:
-    """[B, H, W, C] -> [B, size, size, C] (bilinear, antialiased when shrinking)."""
-    if images.shape[1] == size:
-        return images
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
-
-
-def distill_objective(graphdef: Any, teacher_def: Any, teacher_size: int, cfg: TrainConfig) -> LossFn:
-    """Teacher and student on the same view of the batch (big_vision's "consistent" matching)."""
-    def loss_fn(params: Any, batch: dict[str, jax.Array], teacher_params: Any
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits, _ = apply(graphdef, params, batch["image"])
-        teacher_logits, _ = apply(teacher_def, teacher_params, resize_images(batch["image"], teacher_size))
-        kl = kl_distill_loss(logits, teacher_logits, cfg.distill_temperature)
-        ce = classification_loss(logits, batch["label"], cfg.loss, cfg.label_smoothing)
-        a = cfg.distill_label_weight
-        return (1.0 - a) * kl + a * ce, {"kl": kl, "ce": ce}
-    return loss_fn
-
-
 def state_shardings(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, optax.GradientTransformation, Any]:
     """(graphdef, optimizer, NamedSharding per state leaf), from shapes alone: nothing allocated."""
     abstract = abstract_model(cfg.model)
@@ -233,70 +187,14 @@ def initial_params(location: str, model: ModelConfig, shardings: Any) -> Any:
                       for k, v in fitted.items()})
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """A frozen model whose logits are the distillation targets: its config (dtype and execution
-    settings as it runs here), graphdef, params placed in `shardings` (or abstract)."""
-    config: ModelConfig
-    graphdef: Any
-    params: Any
-    shardings: Any
-
-
-def teacher_config(cfg: TrainConfig) -> ModelConfig:
-    """The teacher's architecture (from the header of its weights file), as it runs in this step:
-    forward only (no remat), its matmuls in teacher_dtype; checked against the student."""
-    from vit22b.weights import read_config
-
-    assert cfg.teacher is not None
-    teacher = read_config(cfg.teacher)
-    if teacher is None:
-        raise TrainingError(f"teacher {cfg.teacher} carries no vit22b config: import it first "
-                            "(`vit22b import`)")
-    student = cfg.model
-    if teacher.num_classes != student.num_classes or teacher.in_channels != student.in_channels:
-        raise TrainingError(
-            f"teacher {cfg.teacher} ({teacher.num_classes} classes, {teacher.in_channels} channels) "
-            f"does not fit the data ({student.num_classes} classes, {student.in_channels} channels): "
-            "distil on the data the teacher was trained for (fine-tune the teacher first)")
-    return teacher.replace(dtype_mm=cfg.teacher_dtype, remat="none", scan=student.scan,
-                           collective_matmul=student.collective_matmul)
-
-
-def abstract_teacher(teacher: ModelConfig, mesh: Mesh | Any) -> Teacher:
-    """The teacher's shapes placed by the student's rule table (nothing allocated): what
-    load_teacher fills, and what the planner and abstract compiles use."""
-    model = abstract_model(teacher)
-    graphdef, expected = split_params(model)
-    shardings = param_shardings(logical_axes(model), expected, mesh)
-    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          expected, shardings)
-    return Teacher(teacher, graphdef, params, shardings)
-
-
-def load_teacher(cfg: TrainConfig, mesh: Mesh) -> Teacher:
-    """The teacher's params, sharded by the same rule table as the student's: each process
-    builds only the slices its devices hold. They stay float32 like the student's (matmuls run in
-    teacher_dtype): bfloat16 storage would halve them, but XLA:CPU upcasts bfloat16 collectives to
-    float32 whole-stack, so its memory could not be checked against the planner here."""
-    from vit22b.weights import fit_weights, flatten, read_weights, unflatten
-
-    shapes = abstract_teacher(teacher_config(cfg), mesh)
-    flat, _ = read_weights(cfg.teacher)
-    fitted = flatten(fit_weights(flat, shapes.params))
-    shard = flatten(shapes.shardings)
-    params = unflatten({k: jax.make_array_from_callback(v.shape, shard[k], lambda idx, v=v: v[idx])
-                        for k, v in fitted.items()})
-    return dataclasses.replace(shapes, params=params)
-
-
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig,
                     shardings: Any = None, mesh: Mesh | None = None, *, loss_fn: LossFn | None = None,
                     frozen_shardings: Any = None) -> Any:
     """The jitted step `(state, batch[, frozen]) -> (state, metrics)`, the state donated. `loss_fn`:
     the objective (default: classification with cfg.loss); `frozen_shardings`: where the frozen
     input (a teacher's params) lives, when the objective takes one."""
-    grad_fn = jax.value_and_grad(loss_fn or classification_objective(graphdef, cfg), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn or classification_objective(graphdef, cfg.loss, cfg.label_smoothing),
+                                 has_aux=True)
 
     def step(state: State, batch: dict[str, jax.Array], frozen: Any = None
              ) -> tuple[State, dict[str, jax.Array]]:
@@ -423,7 +321,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
     check_divisibility(cfg.model, cfg.batch_size, mesh)
     if cfg.teacher:
         try:
-            check_divisibility(teacher_config(cfg), cfg.batch_size, mesh)
+            check_divisibility(teacher_config(cfg.teacher, cfg.model, cfg.teacher_dtype), cfg.batch_size,
+                               mesh)
         except ConfigError as e:
             raise ConfigError(f"the teacher: {e}") from None
     if cfg.batch_size % jax.process_count():
@@ -440,7 +339,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
         else:
             state = restored[1]
             print(f"resumed from {workdir}/checkpoints/{restored[0]}", flush=True)
-        teacher = load_teacher(cfg, mesh) if cfg.teacher else None
+        teacher = (load_teacher(cfg.teacher, cfg.model, cfg.teacher_dtype, mesh) if cfg.teacher
+                   else None)
         if lead:  # only now: a refused or failed resume leaves the work dir's files as they were
             _write_run_files(cfg, workdir, dataset.class_names)
         return _train_loop(cfg, dataset, workdir, mesh, checkpointer, graphdef, tx, state, shardings,
@@ -459,7 +359,10 @@ def _train_loop(cfg: TrainConfig, dataset: ImageDataset, workdir: Path, mesh: Me
     if teacher is None:
         train_step = make_train_step(graphdef, tx, cfg, shardings, mesh)
     else:
-        objective = distill_objective(graphdef, teacher.graphdef, teacher.config.image_size, cfg)
+        objective = distill_objective(graphdef, teacher.graphdef, teacher.config.image_size, loss=cfg.loss,
+                                      label_smoothing=cfg.label_smoothing,
+                                      temperature=cfg.distill_temperature,
+                                      label_weight=cfg.distill_label_weight)
         step_fn = make_train_step(graphdef, tx, cfg, shardings, mesh, loss_fn=objective,
                                   frozen_shardings=teacher.shardings)
 
