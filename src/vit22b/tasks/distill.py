@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from vit22b.cli_args import add_model_flags, model_overrides
 from vit22b.config import ModelConfig, preset
 from vit22b.data import ImageDataset
@@ -73,7 +75,7 @@ def distill(teacher_checkpoint: str | Path, student_preset: str, dataset: ImageD
         "teacher_dtype": teacher_dtype, "batch_size": batch_size, "seed": cfg.seed, "mesh": cfg.mesh,
         "data": dataset.name, "resumed_from": r["resumed_from"], "optim": dataclasses.asdict(optim),
     }
-    if workdir:
+    if workdir and jax.process_index() == 0:  # the process that writes the run's files
         (Path(workdir) / "distill.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from vit22b.cli_args import (
     add_model_flags,
     add_run_flags,
@@ -68,7 +70,7 @@ def finetune_model_config(source: ModelConfig, dataset: ImageDataset, **executio
     other = sorted(set(execution) - set(EXECUTION_FIELDS))
     if other:
         raise TaskError(f"{other} would change the checkpoint's architecture: fine-tuning keeps "
-                            f"it; only {EXECUTION_FIELDS} may be set")
+                        f"it; only {EXECUTION_FIELDS} may be set")
     return source.replace(num_classes=dataset.num_classes, image_size=dataset.image_size,
                           head_bias_init=0.0, **execution)
 
@@ -100,7 +102,7 @@ def finetune(checkpoint: str | Path, dataset: ImageDataset, workdir: str | Path 
         "optim": dataclasses.asdict(optim), "train_examples": dataset.train_size,
         "val_examples": dataset.val_size,
     }
-    if workdir:
+    if workdir and jax.process_index() == 0:  # the process that writes the run's files
         (Path(workdir) / "finetune.json").write_text(json.dumps(result, indent=2))
     return result
 
