@@ -63,6 +63,7 @@ def teacher(tmp_path_factory, digits16):
     path = tmp_path_factory.mktemp("teacher")
     r = train(TrainConfig(model=cfg, optim=transfer_optim("adamw", 3e-3, warmup=15), workdir=str(path),
                           steps=TEACHER_STEPS, batch_size=64, loss="softmax", seed=7, eval_every=0,
+                          checkpoint_every=TEACHER_STEPS,
                           progress=False, mesh="1x1"), digits16)
     return path, r["eval_accuracy"]
 
@@ -96,7 +97,9 @@ def test_distilled_student_beats_label_training(teacher, digits16):
     for seed in (1, 2):
         acc = {}
         for label_weight in (0.0, 1.0):
-            r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32,
+            r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32, eval_every=0,
+                           teacher_dtype="float32",
+                           checkpoint_every=150,
                            label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
                            seed=seed, augment=False, progress=False, mesh="1x1",
                            student_overrides={"dtype_mm": "float32"})

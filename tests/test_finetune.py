@@ -38,6 +38,7 @@ def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("pre8")
     train(TrainConfig(model=cfg, optim=ft.transfer_optim("adamw", 3e-3, warmup=10), workdir=str(path),
                       steps=300, batch_size=64, loss="softmax", seed=1, eval_every=0, progress=False,
+                      checkpoint_every=300,
                       mesh="1x1"),
           load_digits_dataset(8))
     return path
@@ -49,7 +50,8 @@ def digits16_04():
 
 
 def test_finetune_beats_scratch_and_writes_results(pretrained, digits16_04, tmp_path):
-    kw = dict(steps=80, batch_size=32, optim=ft.transfer_optim(lr=0.03, warmup=2), progress=False, mesh="1x1")
+    kw = dict(steps=80, batch_size=32, optim=ft.transfer_optim(lr=0.03, warmup=2), progress=False, mesh="1x1",
+              eval_every=0, checkpoint_every=80)
     tuned = ft.finetune(pretrained, digits16_04, tmp_path, **kw)
     scratch = ft.finetune(pretrained, digits16_04, None, scratch=True, **kw)
     # measured: 0.944 fine-tuned vs 0.606 from scratch (chance 0.2)
