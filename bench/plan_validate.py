@@ -31,16 +31,14 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from vit22b.compiled_step import step_memory  # noqa: E402
 from vit22b.config import preset  # noqa: E402
 from vit22b.flops import flops_per_image  # noqa: E402
-from vit22b.model import abstract_model, split_params  # noqa: E402
-from vit22b.objectives import abstract_teacher, distill_objective  # noqa: E402
 from vit22b.optim import OptimConfig  # noqa: E402
 from vit22b.plan import HARDWARE, GiB, format_search, memory, search  # noqa: E402
-from vit22b.sharding import batch_sharding, make_mesh  # noqa: E402
-from vit22b.train import TrainConfig, make_train_step, state_shardings  # noqa: E402
+from vit22b.sharding import make_mesh  # noqa: E402
+from vit22b.train import TrainConfig  # noqa: E402
 
 # (preset, image size, global batch, mesh, remat, optimizer, grad_accum, model overrides)
 CONFIGS: list[tuple[str, int, int, str, str, str, int, dict[str, Any]]] = [
@@ -66,27 +64,9 @@ def xla_memory(name: str, image: int, batch: int, mesh_spec: str, remat: str, op
                       optim=OptimConfig(optimizer=optimizer), batch_size=batch, mesh=mesh_spec,  # type: ignore[arg-type]
                       grad_accum=grad_accum)
     data, model = (int(x) for x in mesh_spec.split("x"))
-    mesh = make_mesh(mesh_spec, jax.devices()[: data * model])
-    graphdef, tx, shardings = state_shardings(cfg, mesh)
-    _, params = split_params(abstract_model(cfg.model))
-
-    def spec(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    state = {"step": spec(jax.ShapeDtypeStruct((), jnp.int32), shardings["step"]),
-             "params": jax.tree.map(spec, params, shardings["params"]),
-             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), shardings["opt_state"])}
-    batch_in = {"image": jax.ShapeDtypeStruct((batch, image, image, 3), jnp.float32,
-                                              sharding=batch_sharding(mesh, 4)),
-                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
-    step = make_train_step(graphdef, tx, cfg, shardings, mesh)
     start = time.time()
-    with jax.set_mesh(mesh):
-        compiled = step.jitted.lower(state, batch_in).compile()
-    ma = compiled.memory_analysis()
-    return {"arguments": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
-            "peak": ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
-            - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
+    xla = step_memory(cfg, make_mesh(mesh_spec, jax.devices()[: data * model]))
+    return {**xla, "compile_seconds": time.time() - start}
 
 
 # Distillation steps: (teacher, student, batch, mesh); 224 px, teacher matmuls in bfloat16.
@@ -107,30 +87,10 @@ def xla_distill_memory(teacher_name: str, student_name: str, batch: int, mesh_sp
     cfg = TrainConfig(model=student, batch_size=batch, mesh=mesh_spec, teacher="<abstract>",
                       loss="softmax")
     data, model = (int(x) for x in mesh_spec.split("x"))
-    mesh = make_mesh(mesh_spec, jax.devices()[: data * model])
-    graphdef, tx, shardings = state_shardings(cfg, mesh)
-    _, params = split_params(abstract_model(student))
-
-    def spec(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    state = {"step": spec(jax.ShapeDtypeStruct((), jnp.int32), shardings["step"]),
-             "params": jax.tree.map(spec, params, shardings["params"]),
-             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), shardings["opt_state"])}
-    batch_in = {"image": jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
-                                              sharding=batch_sharding(mesh, 4)),
-                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
-    frozen = abstract_teacher(teacher, mesh)
-    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size)
     start = time.time()
-    with jax.set_mesh(mesh):
-        step = make_train_step(graphdef, tx, cfg, shardings, mesh, loss_fn=objective,
-                               frozen_shardings=frozen.shardings)
-        ma = step.jitted.lower(state, batch_in, frozen.params).compile().memory_analysis()
+    xla = {**step_memory(cfg, make_mesh(mesh_spec, jax.devices()[: data * model]), teacher=teacher),
+           "compile_seconds": time.time() - start}
     planned = memory(student, batch, data, model, teacher=teacher)
-    xla = {"arguments": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
-           "peak": ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
-           - ma.alias_size_in_bytes, "compile_seconds": time.time() - start}
     return {"teacher": teacher_name, "student": student_name, "batch": batch, "mesh": mesh_spec,
             "planned_bytes": planned, "xla_bytes": xla,
             **{f"{k}_rel_error": planned[k] / xla[k] - 1 for k in ("arguments", "temp", "peak")}}

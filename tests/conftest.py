@@ -77,16 +77,23 @@ def forward() -> Callable[..., Callable[..., Any]]:
 
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
-    """mu/4 at 8 px trained 30 steps on digits in a one-device subprocess, once per session; the
-    transfer-task tests (probe, few-shot, robustness) run on it."""
+    """mu/4 at 8 px trained 30 steps on digits in a one-device subprocess, once per test run (the
+    xdist workers share it: the first one to take the lock trains it); the transfer-task tests
+    (probe, few-shot, robustness, ...) run on it."""
+    import fcntl
     import subprocess
     import sys
 
-    path = tmp_path_factory.getbasetemp() / "tasks_digits_ckpt"
-    if not (path / "model.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size", "8",
-                        "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
-                       env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    path = root / "tasks_digits_ckpt"
+    with open(root / "tasks_digits_ckpt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").exists():
+            subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size",
+                            "8", "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
+                           env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
     return path
 
 

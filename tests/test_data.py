@@ -373,3 +373,42 @@ def test_eval_batches_over_the_train_split_cover_it_in_order(digits):
     np.testing.assert_array_equal(labels, digits.train.labels)
     with pytest.raises(DataError, match="split"):
         next(digits.eval_batches(8, split="test"))
+
+
+def test_class_filter_keeps_those_classes_relabelled(digits):
+    """'digits:classes=7,2-3' = sklearn's split with only 7, 2, 3, relabelled 0, 1, 2 in that order."""
+    sub = load_dataset("digits:classes=7,2-3", 16)
+    assert sub.class_names == ("7", "2", "3") and sub.name == "digits:classes=7,2-3"
+    for split, full in ((sub.train, digits.train), (sub.val, digits.val)):
+        keep = np.isin(full.labels, [7, 2, 3])
+        np.testing.assert_array_equal(split.images, full.images[keep])
+        np.testing.assert_array_equal(split.labels, np.array([0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 1, 2])[
+            full.labels[keep]])
+    assert load_dataset("digits:classes=0,9", 8).num_classes == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0-12", "at least two distinct classes among indices 0-9"),
+    ("3", "at least two distinct classes"),
+    ("1,1", "at least two distinct classes"),
+    ("1,cat", "class 'cat' is not one of the data's classes"),
+])
+def test_class_filter_errors(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(f"digits:classes={spec}", 8)
+
+
+def test_class_filter_on_a_streamed_folder_says_what_to_do(tmp_path):
+    root = make_folder(tmp_path / "train", corrupt=False)
+    with pytest.raises(DataError, match="make a folder with only the wanted class sub-folders"):
+        load_dataset(f"{root}:classes=0,1", 16)
+
+
+def test_class_filter_keeps_the_recipe_and_gets_its_own_workdir():
+    from vit22b.recipes import recipe_for, train_config_for
+
+    assert recipe_for("fashion-mnist:classes=0-6") is recipe_for("fashion-mnist")
+    cfg = train_config_for(load_dataset("digits:classes=0-6", 16), "digits:classes=0-6")
+    assert (cfg.workdir, cfg.model.num_classes, cfg.data) == ("workdirs/digits-classes-0-6", 7,
+                                                              "digits:classes=0-6")
+    assert cfg.optim.learning_rate == 3e-3  # the digits recipe's

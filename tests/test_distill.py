@@ -18,6 +18,9 @@ from vit22b.tasks import distill as ds
 from vit22b.tasks.finetune import transfer_optim
 from vit22b.train import TrainConfig, train
 
+# One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("distill_teacher")
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))

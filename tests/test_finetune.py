@@ -18,6 +18,9 @@ from vit22b.tasks.common import TaskError
 from vit22b.train import TrainConfig, init_state, train
 from vit22b.weights import flatten, save_model
 
+# One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("finetune_pretrained")
+
 KEEP = (0, 1, 2, 3, 4)
 
 

@@ -24,6 +24,9 @@ from vit22b.tasks import distill, fewshot, finetune, lit, probe
 from vit22b.train import TrainConfig, init_state, make_train_step, to_global
 from vit22b.weights import flatten
 
+# One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("imported_model")
+
 GOLDEN = Path(__file__).parent / "data" / "timm_vit" / "augreg.safetensors"
 
 

@@ -8,16 +8,14 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import pytest
 
+from vit22b.compiled_step import step_memory
 from vit22b.config import ConfigError, preset
-from vit22b.model import abstract_model, split_params
-from vit22b.objectives import abstract_teacher, distill_objective
 from vit22b.optim import OptimConfig
 from vit22b.plan import HARDWARE, HEADROOM, GiB, add_plan_parser, memory, plan, search, state_layout
-from vit22b.sharding import batch_sharding, make_mesh
-from vit22b.train import TrainConfig, init_state, make_train_step, state_shardings
+from vit22b.sharding import make_mesh
+from vit22b.train import TrainConfig, init_state
 
 # depth 2 makes the fused in-kernel (8 MB) exceed the 4 MiB FSDP threshold, so both the model and
 # the data axis shard it; the out-kernel (6 MB) too; the head and norms stay replicated.
@@ -80,35 +78,11 @@ def test_search_respects_hbm() -> None:
     assert search(cfg, 65536, 256, dataclasses.replace(hw, hbm_bytes=0.1 * GiB)) == []
 
 
-def _xla_temp_and_args(cfg_model: object, batch: int, mesh_spec: str) -> tuple[int, int]:
-    cfg = TrainConfig(model=cfg_model, batch_size=batch, mesh=mesh_spec)  # type: ignore[arg-type]
-    mesh = make_mesh(mesh_spec)
-    from vit22b.model import abstract_model, split_params
-    from vit22b.train import state_shardings
-
-    graphdef, tx, sh = state_shardings(cfg, mesh)
-    _, params = split_params(abstract_model(cfg.model))
-
-    def spec(leaf: object, s: object) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)  # type: ignore[attr-defined]
-
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
-             "params": jax.tree.map(spec, params, sh["params"]),
-             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), sh["opt_state"])}
-    size = cfg.model.image_size
-    batch_in = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
-                                              sharding=batch_sharding(mesh, 4)),
-                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
-    with jax.set_mesh(mesh):
-        ma = make_train_step(graphdef, tx, cfg, sh, mesh).jitted.lower(state, batch_in).compile(
-        ).memory_analysis()
-    return ma.argument_size_in_bytes, ma.temp_size_in_bytes
-
-
 def test_memory_close_to_xla_memory_analysis() -> None:
     """bench/plan_validate.py measured |peak error| <= 12% on B/16 ... 22B/14; allow 25% here."""
     cfg = preset("S/16", depth=2, image_size=64)
-    args, temp = _xla_temp_and_args(cfg, 32, "4x2")
+    xla = step_memory(TrainConfig(model=cfg, batch_size=32, mesh="4x2"), make_mesh("4x2"))
+    args, temp = xla["arguments"], xla["temp"]
     planned = memory(cfg, 32, 4, 2)
     # params + optimizer state + batch, exact up to XLA dropping unused arguments: Adafactor keeps a
     # 4-byte placeholder v_row/v_col for each un-factored parameter that the step passes through
@@ -129,28 +103,10 @@ def test_distill_22b_into_b16_memory_within_10_percent_of_xla() -> None:
     batch, mesh = 32, make_mesh("2x4")
     cfg = TrainConfig(model=student, batch_size=batch, mesh="2x4", teacher="<abstract>",
                       loss="softmax")
-    graphdef, tx, sh = state_shardings(cfg, mesh)
-    _, params = split_params(abstract_model(student))
-
-    def spec(leaf: object, s: object) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)  # type: ignore[attr-defined]
-
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
-             "params": jax.tree.map(spec, params, sh["params"]),
-             "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params), sh["opt_state"])}
-    batch_in = {"image": jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
-                                              sharding=batch_sharding(mesh, 4)),
-                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))}
-    frozen = abstract_teacher(teacher, mesh)
-    objective = distill_objective(graphdef, frozen.graphdef, teacher.image_size)
-    with jax.set_mesh(mesh):
-        step = make_train_step(graphdef, tx, cfg, sh, mesh, loss_fn=objective,
-                               frozen_shardings=frozen.shardings)
-        ma = step.jitted.lower(state, batch_in, frozen.params).compile().memory_analysis()
+    xla = step_memory(cfg, mesh, teacher=teacher)
     planned = memory(student, batch, 2, 4, teacher=teacher)
-    assert planned["arguments"] == pytest.approx(ma.argument_size_in_bytes, rel=1e-3)
-    assert planned["peak"] == pytest.approx(ma.argument_size_in_bytes + ma.temp_size_in_bytes,
-                                            rel=0.10)
+    assert planned["arguments"] == pytest.approx(xla["arguments"], rel=1e-3)
+    assert planned["peak"] == pytest.approx(xla["arguments"] + xla["temp"], rel=0.10)
 
 
 def test_cli_plan_json(capsys: pytest.CaptureFixture[str]) -> None:

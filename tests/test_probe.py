@@ -40,6 +40,18 @@ def test_linear_probe_is_at_chance_on_random_labels():
     assert probe.accuracy(x_val, rng.integers(0, 4, 2000), w, b) < 0.33  # chance 0.25
 
 
+def test_per_class_accuracy_is_sklearns_per_class_recall():
+    from sklearn.metrics import recall_score
+
+    rng = np.random.default_rng(3)
+    x, w, b = rng.normal(size=(200, 5)), rng.normal(size=(5, 4)), rng.normal(size=4)
+    y = rng.integers(0, 3, 200)  # class "d" has no example
+    got = probe.per_class_accuracy(x, y, w, b, ("a", "b", "c", "d"))
+    ref = recall_score(y, np.argmax(x @ w + b, axis=1), labels=[0, 1, 2], average=None)
+    assert got["d"] is None
+    np.testing.assert_allclose([got["a"], got["b"], got["c"]], ref, rtol=0, atol=1e-12)
+
+
 def test_standardise_uses_train_statistics():
     tr, val = np.array([[0.0, 10.0], [2.0, 30.0]]), np.array([[1.0, 20.0]])
     (s_tr, s_val), _ = common.standardise(tr, val)

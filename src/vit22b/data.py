@@ -323,11 +323,64 @@ def _checked(dataset: ImageDataset) -> ImageDataset:
     return dataset
 
 
+CLASS_FILTER = ":classes="  # e.g. "fashion-mnist:classes=0-6": those classes only, relabelled 0..k-1
+
+
+def base_source(source: str) -> str:
+    """The data set a source names, without its class filter."""
+    return source.split(CLASS_FILTER, 1)[0]
+
+
+def parse_class_filter(spec: str, class_names: Sequence[str]) -> list[int]:
+    """"0-6", "0,2,5" or "Trouser,Bag" (names or indices, ranges of indices) -> class indices."""
+    chosen: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, dash, hi = part.partition("-")
+        if dash and lo.isdigit() and hi.isdigit():
+            chosen += range(int(lo), int(hi) + 1)
+        elif part.isdigit():
+            chosen.append(int(part))
+        elif part in class_names:
+            chosen.append(list(class_names).index(part))
+        else:
+            raise DataError(f"class {part!r} is not one of the data's classes ({', '.join(class_names)}) "
+                            f"nor an index 0-{len(class_names) - 1}: fix the ':classes=' list")
+    bad = [c for c in chosen if not 0 <= c < len(class_names)]
+    if bad or len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise DataError(f"':classes={spec}' must name at least two distinct classes among indices 0-"
+                        f"{len(class_names) - 1} ({', '.join(class_names)})")
+    return chosen
+
+
+def select_classes(dataset: ImageDataset, spec: str) -> ImageDataset:
+    """Only the classes `spec` names, in its order, relabelled 0..k-1 (e.g. pretraining on some
+    classes of a data set and transferring to all of them)."""
+    keep = parse_class_filter(spec, dataset.class_names)
+    if dataset.train.images is None or dataset.val.images is None:
+        raise DataError(f"':classes=' works on in-memory data (digits, fashion-mnist, idx:DIR); for "
+                        f"{dataset.name!r} make a folder with only the wanted class sub-folders")
+    relabel = np.full(dataset.num_classes, -1, np.int32)
+    relabel[keep] = np.arange(len(keep), dtype=np.int32)
+
+    def only(split: Split) -> Split:
+        idx = np.flatnonzero(relabel[split.labels] >= 0)
+        return Split(relabel[split.labels[idx]], images=split.images[idx])
+
+    return dataclasses.replace(dataset, name=f"{dataset.name}{CLASS_FILTER}{spec}",
+                               class_names=tuple(dataset.class_names[c] for c in keep),
+                               train=only(dataset.train), val=only(dataset.val))
+
+
 def load_dataset(source: str, image_size: int | None, *, val_path: str | Path | None = None,
                  val_fraction: float = 0.2, seed: int = 0, holdout: str = "test") -> ImageDataset:
     """"digits" (bundled; its split is fixed), "fashion-mnist" or "idx:DIR" (MNIST format, in
-    memory), a `vit22b prepare-data` directory (ArrayRecord), else an image folder.
+    memory), a `vit22b prepare-data` directory (ArrayRecord), else an image folder; any of them
+    with a ":classes=..." suffix keeps only those classes (select_classes).
     `image_size=None`: the data set's native size (folders: 224)."""
+    if CLASS_FILTER in source:
+        base, spec = source.split(CLASS_FILTER, 1)
+        return select_classes(load_dataset(base, image_size, val_path=val_path, val_fraction=val_fraction,
+                                           seed=seed, holdout=holdout), spec)
     from vit22b.idx import resolve_idx_source
 
     if source == "digits":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vit22b.config import ConfigError, ModelConfig, preset
-from vit22b.data import ImageDataset
+from vit22b.data import CLASS_FILTER, ImageDataset, base_source
 from vit22b.optim import OptimConfig
 
 if TYPE_CHECKING:
@@ -73,7 +73,14 @@ def effective_default(field: str) -> str:
 
 
 def recipe_for(data: str) -> Recipe:
-    return RECIPES.get(data, DEFAULT_RECIPE)
+    """The recipe of the data set `data` names (a class filter does not change it)."""
+    return RECIPES.get(base_source(data), DEFAULT_RECIPE)
+
+
+def _class_suffix(data: str) -> str:
+    """"fashion-mnist:classes=0-6" -> "-classes-0-6": a class subset trains in a work dir of its own."""
+    spec = data.split(CLASS_FILTER, 1)[1] if CLASS_FILTER in data else ""
+    return f"-classes-{spec.replace(',', '_')}" if spec else ""
 
 
 def model_config_for(recipe: Recipe, dataset: ImageDataset, preset_name: str | None = None,
@@ -130,7 +137,8 @@ def train_config_for(dataset: ImageDataset, data: str, *, preset_name: str | Non
         model_cfg = model_config_for(dataclasses.replace(recipe, loss=loss), dataset, preset_name,
                                      **(model or {}))
     steps = recipe.steps if steps is None else steps
-    name = Path(data.removeprefix("idx:")).name  # 'digits', 'fashion-mnist' or the folder's name
+    # 'digits', 'fashion-mnist' or the folder's name; a class filter gets its own work dir
+    name = Path(base_source(data).removeprefix("idx:")).name + _class_suffix(data)
     defaults = dict(workdir=f"workdirs/{name}", batch_size=recipe.batch_size,
                     label_smoothing=recipe.label_smoothing)
     given = {k: v for k, v in fields.items() if v is not None}

@@ -42,6 +42,15 @@ def accuracy(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> floa
     return float(np.mean(np.argmax(x @ w + b, axis=1) == y))
 
 
+def per_class_accuracy(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
+                       class_names: tuple[str, ...]) -> dict[str, float | None]:
+    """{class name: accuracy on that class's images} (None: none in the split); shows which classes
+    transfer, e.g. those a backbone never saw in pretraining."""
+    right = np.argmax(x @ w + b, axis=1) == y
+    return {name: float(right[y == c].mean()) if np.any(y == c) else None
+            for c, name in enumerate(class_names)}
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     model, dataset, adaptation = common.load_task(checkpoint=args.checkpoint, data=args.data,
                                                   image_size=args.image_size, val_data=args.val_data,
@@ -58,6 +67,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                "train_examples": len(y_tr), "val_examples": len(y_val), "steps": args.steps,
                "wd": args.wd, "lr": args.lr, "final_train_loss": loss,
                "train_accuracy": accuracy(x_tr, y_tr, w, b), "val_accuracy": accuracy(x_val, y_val, w, b),
+               "val_accuracy_per_class": per_class_accuracy(x_val, y_val, w, b, dataset.class_names),
                "chance": 1.0 / dataset.num_classes, "channel_adaptation": adaptation}
     return common.finish(results, common.results_path("probe", checkpoint=args.checkpoint, out=args.out),
                          f"linear probe on {args.feature} ({x_tr.shape[1]}-d): val top-1 "
