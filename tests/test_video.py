@@ -244,17 +244,20 @@ def test_transformer_learns_direction_that_mean_pooling_cannot():
 @pytest.mark.slow
 def test_video_command_end_to_end(digits_ckpt, tmp_path, capsys):
     out = tmp_path / "video.json"
-    assert run_task(video, ["--checkpoint", str(digits_ckpt), "--num-train", "16", "--num-val", "8",
-                            "--num-frames", "4", "--steps", "3", "--head", "mean,transformer",
+    assert run_task(video, ["--checkpoint", str(digits_ckpt), "--num-train", "256", "--num-val", "64",
+                            "--num-frames", "4", "--steps", "300", "--head", "mean,transformer",
                             "--out", str(out), "--no-progress"]) == 0
     r = json.loads(out.read_text())
-    assert r["feature_shape"] == [4, 32] and r["num_classes"] == 8 and r["val_clips"] == 8
-    for kind in ("mean", "transformer"):
-        h = r["heads"][kind]
-        # accuracies are shares of the 8 val and 16 train clips (what the heads learn is tested
-        # above, against numpy and against mean pooling)
-        assert (8 * h["val_accuracy"]).is_integer() and (16 * h["train_accuracy"]).is_integer()
+    assert r["feature_shape"] == [4, 32] and r["num_classes"] == 8 and r["val_clips"] == 64
+    mean, temporal = r["heads"]["mean"], r["heads"]["transformer"]
+    for h in (mean, temporal):  # shares of the 64 val clips
+        assert (64 * h["val_accuracy"]).is_integer()
         assert h["val_accuracy_up_to_reversal"] >= h["val_accuracy"]
+    # Half the classes are the time reversals of the other half: a mean over frames cannot tell a
+    # clip from its reversal, so it sits below chance (12.5%), the temporal transformer does not
+    # (measured on this weak 30-step backbone: 4.7% vs 56.3%).
+    assert mean["val_accuracy"] <= 0.125
+    assert temporal["val_accuracy"] >= 0.40 and temporal["val_accuracy"] >= mean["val_accuracy"] + 0.30
     assert "transformer head: val top-1" in capsys.readouterr().out
     folder = tmp_path / "clips"
     _make_folder(folder)
