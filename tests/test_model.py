@@ -251,6 +251,25 @@ def test_pooling_heads_and_posembs(changes, tiny_cfg, images, random_params, for
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_map_attention_weights_match_numpy(tiny_cfg, images, random_params, forward):
+    """The MAP probe's softmax weights over the encoded tokens [B, H, N] (for attention pictures),
+    from numpy on the same params; each head's weights sum to 1."""
+    cfg = tiny_cfg.replace(num_heads=2)
+    params = random_params(cfg)
+    _, out = forward(cfg)(params, images)
+    model = nnx.merge(split_params(abstract_model(cfg))[0], params)
+    got = np.asarray(model.map_head.attention_weights(out["encoded"]))
+    p = {k: np.asarray(v, np.float64) for k, v in flatten(params).items() if k.startswith("map_head/")}
+    x = np.asarray(out["encoded"], np.float64)
+    q = np.einsum("d,dhk->hk", p["map_head/probe"][0, 0], p["map_head/query_kernel"]) + p["map_head/query_bias"]
+    k = np.einsum("bnd,dhk->bnhk", x, p["map_head/kv_kernel"][:, 0]) + p["map_head/kv_bias"][0]
+    logits = np.einsum("hk,bnhk->bhn", q, k) / np.sqrt(cfg.head_dim)
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    assert got.shape == (2, 2, cfg.num_patches)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def np_conv3x3_gelu(images, kernel, bias):
     """SAME 3x3 convolution, stride 1, then tanh-GELU: nine shifted einsums over a zero-padded image."""
     H, W = images.shape[1:3]

@@ -61,6 +61,24 @@ def test_step_compiles_once(tmp_path):
     assert step.jitted._cache_size() == 1  # a second trace would mean the state changed type
 
 
+def test_step_reports_each_layers_largest_attention_logit(tmp_path):
+    """With log_attention_logits, the step's metrics carry attn_logit_max/<layer> of the params it
+    started from: the model's own attn_stats on the same batch (tested against numpy in
+    test_encoder.py)."""
+    from vit22b.model import apply
+
+    cfg = tiny_config(tmp_path, model=preset("mu/4", depth=2, **TINY).replace(dtype_mm="float32"),
+                      log_attention_logits=True)
+    mesh = make_mesh(cfg.mesh)
+    graphdef, tx, state, shardings = init_state(cfg, mesh)
+    batch = {"image": np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype(np.float32),
+             "label": np.arange(32, dtype=np.int32) % 10}
+    _, want = apply(graphdef, jax.device_get(state["params"]), batch["image"], attn_stats=True)
+    _, metrics = make_train_step(graphdef, tx, cfg, shardings, mesh)(state, batch)
+    got = [float(metrics[f"attn_logit_max/{i}"]) for i in range(2)]
+    np.testing.assert_allclose(got, np.asarray(want["attn_logit_max"]), rtol=1e-5)
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
     batch = {"image": np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype(np.float32),
              "label": np.arange(32, dtype=np.int32) % 10}

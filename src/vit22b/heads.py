@@ -38,15 +38,29 @@ class MAPHead(nnx.Module):
             self.mlp_in_bias = param(small_normal(key(), (M,)), "mlp")
             self.mlp_out_bias = param(small_normal(key(), (D,)), "embed")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _query_key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, N, D] -> q [B, 1, H, hd] (the probe's), kv [2, B, N, H, hd]."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype_mm)
         probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, cfg.width))
-        q = matmul("btd,dhk->bthk", probe, self.query_kernel[...], dt)  # [B, 1, H, hd]
-        kv = matmul("bnd,dchk->cbnhk", x, self.kv_kernel[...], dt)  # [2, B, N, H, hd]
+        q = matmul("btd,dhk->bthk", probe, self.query_kernel[...], dt)
+        kv = matmul("bnd,dchk->cbnhk", x, self.kv_kernel[...], dt)
         if cfg.map_bias:
             q = q + self.query_bias[...]
             kv = kv + self.kv_bias[...][:, None, None]
+        return q, kv
+
+    def attention_weights(self, x: jax.Array) -> jax.Array:
+        """x [B, N, D] (the encoded tokens) -> [B, H, N]: how much each head's probe takes from
+        each token (softmax weights; what the pooled feature looks at, e.g. for pictures)."""
+        q, kv = self._query_key_value(x)
+        logits = jnp.einsum("bthk,bnhk->bhtn", q, kv[0]) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :, 0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype_mm)
+        q, kv = self._query_key_value(x)
         y = attention(q.astype(dt), kv[0].astype(dt), kv[1].astype(dt))
         y = matmul("bthk,hkd->btd", y, self.out_kernel[...], dt)
         if cfg.map_bias:

@@ -50,10 +50,15 @@ def kl_distill_loss(student_logits: jax.Array, teacher_logits: jax.Array,
     return t**2 * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-def classification_objective(graphdef: Any, loss: Loss, label_smoothing: float = 0.0) -> LossFn:
+def classification_objective(graphdef: Any, loss: Loss, label_smoothing: float = 0.0, *,
+                             attn_stats: bool = False) -> LossFn:
+    """`attn_stats`: also report each layer's largest attention logit (`attn_logit_max/<layer>`),
+    whose growth signals the instability QK norm prevents (ViT-22B section 2; Wortsman et al. 2023)."""
     def loss_fn(params: Any, batch: dict[str, jax.Array], _: Any) -> tuple[jax.Array, dict]:
-        logits, _ = apply(graphdef, params, batch["image"])
-        return classification_loss(logits, batch["label"], loss, label_smoothing), {}
+        logits, out = apply(graphdef, params, batch["image"], attn_stats=attn_stats)
+        stats = jax.lax.stop_gradient(out["attn_logit_max"]) if attn_stats else []
+        return (classification_loss(logits, batch["label"], loss, label_smoothing),
+                {f"attn_logit_max/{i}": stats[i] for i in range(len(stats))})
     return loss_fn
 
 

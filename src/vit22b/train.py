@@ -80,6 +80,7 @@ class TrainConfig:
     data_workers: int | None = None  # decoding processes for streamed data; None: data.default_workers()
     seed: int = 0
     log_every: int = 50
+    log_attention_logits: bool = False  # metrics: train/attn_logit_max/<layer> (the QK-norm claim)
     eval_every: int | None = None  # None: every 10% of the steps; 0: only at the end
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
@@ -193,8 +194,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainC
     """The jitted step `(state, batch[, frozen]) -> (state, metrics)`, the state donated. `loss_fn`:
     the objective (default: classification with cfg.loss); `frozen_shardings`: where the frozen
     input (a teacher's params) lives, when the objective takes one."""
-    grad_fn = jax.value_and_grad(loss_fn or classification_objective(graphdef, cfg.loss, cfg.label_smoothing),
-                                 has_aux=True)
+    loss_fn = loss_fn or classification_objective(graphdef, cfg.loss, cfg.label_smoothing,
+                                                  attn_stats=cfg.log_attention_logits)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: State, batch: dict[str, jax.Array], frozen: Any = None
              ) -> tuple[State, dict[str, jax.Array]]:
