@@ -92,7 +92,8 @@ def digits_ckpt(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / "model.safetensors").exists():
             subprocess.run([sys.executable, "-m", "vit22b.cli", "train", "--preset", "mu/4", "--image-size",
-                            "8", "--steps", "30", "--batch-size", "64", "--no-progress", "--workdir", str(path)],
+                            "8", "--steps", "30", "--batch-size", "64", "--no-progress",
+                            "--workdir", str(path)],
                            env={**os.environ, "XLA_FLAGS": ""}, check=True, capture_output=True)
     return path
 
@@ -105,3 +106,19 @@ def run_task(module, argv: list[str]) -> int:
     module.add_parser(parser.add_subparsers())
     args = parser.parse_args([module.__name__.rsplit(".", 1)[-1], *argv])
     return args.func(args)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the run (shared by the xdist workers): the many
+    tests that train the same tiny configs compile each program once (compiling is most of a small
+    test's time on CPU). Set through the environment too, so subprocesses use it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = str(root / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    yield

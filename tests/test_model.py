@@ -261,7 +261,8 @@ def test_map_attention_weights_match_numpy(tiny_cfg, images, random_params, forw
     got = np.asarray(model.map_head.attention_weights(out["encoded"]))
     p = {k: np.asarray(v, np.float64) for k, v in flatten(params).items() if k.startswith("map_head/")}
     x = np.asarray(out["encoded"], np.float64)
-    q = np.einsum("d,dhk->hk", p["map_head/probe"][0, 0], p["map_head/query_kernel"]) + p["map_head/query_bias"]
+    q = np.einsum("d,dhk->hk", p["map_head/probe"][0, 0], p["map_head/query_kernel"])
+    q = q + p["map_head/query_bias"]
     k = np.einsum("bnd,dhk->bnhk", x, p["map_head/kv_kernel"][:, 0]) + p["map_head/kv_bias"][0]
     logits = np.einsum("hk,bnhk->bhn", q, k) / np.sqrt(cfg.head_dim)
     want = np.exp(logits - logits.max(-1, keepdims=True))

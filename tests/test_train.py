@@ -25,7 +25,7 @@ TINY = dict(image_size=8, in_channels=1, num_classes=10)
 def tiny_config(workdir: Path, steps: int = 6, **kw) -> TrainConfig:
     fields = dict(model=preset("mu/4", **TINY), optim=OptimConfig(warmup_steps=2, cooldown_steps=2),
                   workdir=str(workdir), steps=steps, batch_size=32, checkpoint_every=3,
-                  log_every=2, progress=False)
+                  log_every=2, progress=False, mesh="1x1")
     fields.update(kw)
     return TrainConfig(**fields)
 
