@@ -49,7 +49,8 @@ def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train (or resume) a model; no arguments: digits, in minutes")
     p.add_argument("--data", default="digits", help="'digits' (bundled), 'fashion-mnist' (Debian package "
                    "dataset-fashion-mnist), 'idx:DIR' (MNIST-format files), a `vit22b prepare-data` "
-                   "directory, or an image folder (one sub-folder per class)")
+                   "directory, or an image folder (one sub-folder per class); in-memory data may end in "
+                   "':classes=0-6' (names or indices) to keep only those classes")
     p.add_argument("--val-data", default=None, help="held-out image folder (default: a split)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="held-out share of a folder's images (default 0.2; 0.1 with --holdout train)")
