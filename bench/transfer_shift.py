@@ -124,7 +124,7 @@ def rows(shift: str, q: dict[str, str]) -> list[dict[str, Any]]:
         for task, _, _, base in spec:
             if task in ("probe", "fewshot"):
                 _, cmd, js, extract = base[0]
-                base.append((ceiling[0], cmd.replace("{rnd}", ceiling[1]),
+                base.append((ceiling[0], cmd.replace("{rnd}", ceiling[1]).replace("_random", ceiling[2]),
                              js.replace("_random", ceiling[2]), extract))
     qq = {k: shlex.quote(v) for k, v in q.items()}
     return [{"task": task, "what": what,
@@ -236,6 +236,7 @@ def run_shift(shift: str, upstreams: dict[str, Path], scratch: Path, done: dict[
                 if "error" not in rec:
                     rec["result"] = json.loads((s / js).read_text())
                 done[cmd] = rec
+                write_json(scratch / "runs.json", done)  # a rerun with this --scratch resumes here
             rec = done[cmd]
             text = rec.get("error") or extract(rec["result"])
             texts.append((label, text))
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     if "fashion-7to10" in args.shifts:
         pretrain(upstreams["upstream_7"], SEVEN)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="vit22b_shift_"))
-    done: dict[str, Any] = {}
+    # finished commands of an earlier run with this --scratch (measured then, with their loads)
+    record = scratch / "runs.json"
+    done: dict[str, Any] = json.loads(record.read_text()) if record.exists() else {}
     curves: dict[str, dict[str, dict[int, float]]] = {}
     table = [row for shift in args.shifts for row in run_shift(shift, upstreams, scratch, done, curves)]
     print("\n" + markdown_table(["upstream", "downstream", "task", "measured", "baseline(s)", "wall s"], [
