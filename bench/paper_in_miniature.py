@@ -76,18 +76,20 @@ FULL = Scale(
     sizes=((16, 2), (32, 3), (64, 4), (96, 5), (128, 6)),
     teacher=dict(width=128, depth=6, mlp_dim=512, num_heads=8), teacher_steps=800,
     downstream="digits", transfer_steps=200, timing_steps=20)
-QUICK = Scale(
+QUICK = Scale(  # shares runs where it can: its QK sweep at the base LR and the teacher (= the
+    # largest scaling size) are runs the other claims train anyway
     data="digits", image_size=8,
     base=dict(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=4, dtype_mm="float32"),
     steps=40, batch=64, lr=3e-3, seeds=(0,),
-    qk_widths=(32,), qk_lrs=(3e-3, 3e-1), qk_steps=30,
+    qk_widths=(32,), qk_lrs=(3e-3, 3e-1), qk_steps=40,
     sizes=((16, 1), (32, 2), (48, 2)),
-    teacher=dict(width=48, depth=2, mlp_dim=192, num_heads=2), teacher_steps=60,
+    teacher=dict(width=48, depth=2, mlp_dim=192, num_heads=3), teacher_steps=40,
     downstream="digits:classes=0-4", transfer_steps=20, timing_steps=3)
 
 # Claims 2-4: one switch of the paper's default each (ModelConfig fields).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "paper default": {},
+    "no QK norm": {"qk_norm": False},
     "sequential block": {"block": "sequential"},
     "+ QKV and norm biases": {"qkv_bias": True, "norm_bias": True},
     "GAP head": {"head": "gap"},
@@ -115,7 +117,7 @@ class Runner:
             optim={"learning_rate": lr or self.scale.lr}, steps=steps or self.scale.steps,
             batch_size=self.scale.batch, workdir=str(workdir), seed=seed, eval_every=0,
             checkpoint_every=max(50, (steps or self.scale.steps) // 2), log_every=10, progress=False,
-            mesh="1x1", **self.holdout, **fields)
+            mesh="1x1", log_attention_logits=True, **self.holdout, **fields)
         if not final.exists() and not diverged.exists():
             t0, load0 = time.time(), loadavg()
             print(f"  run {name} ...", end=" ", flush=True)
@@ -169,11 +171,9 @@ def claim_qk_norm(runner: Runner) -> dict[str, Any]:
     s = runner.scale
     out: dict[str, Any] = {"lrs": list(s.qk_lrs), "widths": {}}
     for width in s.qk_widths:
-        shape = dict(width=width, mlp_dim=4 * width, num_heads=max(2, width // 16))
         per: dict[str, Any] = {}
         for qk in (True, False):
-            runs = [runner.run(f"qk/w{width}_{'qk' if qk else 'noqk'}_lr{lr:g}", {**shape, "qk_norm": qk},
-                               lr=lr, steps=s.qk_steps, log_attention_logits=True) for lr in s.qk_lrs]
+            runs = [runner.run(*qk_run(s, width, qk, lr), lr=lr, steps=s.qk_steps) for lr in s.qk_lrs]
             losses = [final_loss(r) for r in runs]
             cap = initial_loss(runs[0]["config"])
             per["qk_norm" if qk else "no_qk_norm"] = {
@@ -183,6 +183,20 @@ def claim_qk_norm(runner: Runner) -> dict[str, Any]:
                 "attn_logit_max": [attention_curves(r) for r in runs]}
         out["widths"][str(width)] = per
     return out
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace("+", "plus")
+
+
+def qk_run(s: Scale, width: int, qk: bool, lr: float) -> tuple[str, dict[str, Any]]:
+    """(work dir name, model changes) of one point of the QK sweep; the point at the base model,
+    LR and steps is the ablation's run (seed 0), trained once."""
+    shape = dict(width=width, mlp_dim=4 * width, num_heads=max(2, width // 16))
+    if shape == {k: s.base[k] for k in shape} and lr == s.lr and s.qk_steps == s.steps:
+        name = "paper default" if qk else "no QK norm"
+        return f"ablation/{slug(name)}_s0", ABLATIONS[name]
+    return f"qk/w{width}_{'qk' if qk else 'noqk'}_lr{lr:g}", {**shape, "qk_norm": qk}
 
 
 def attention_curves(run: dict[str, Any]) -> dict[str, list[float]]:
@@ -212,8 +226,8 @@ def step_times(runner: Runner, variants: dict[str, dict[str, Any]]) -> dict[str,
 def claim_ablations(runner: Runner) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, changes in ABLATIONS.items():
-        slug = name.replace(" ", "_").replace("+", "plus")
-        runs = [runner.run(f"ablation/{slug}_s{seed}", changes, seed=seed) for seed in runner.scale.seeds]
+        runs = [runner.run(f"ablation/{slug(name)}_s{seed}", changes, seed=seed)
+                for seed in runner.scale.seeds]
         out[name] = {"changes": changes, "val_accuracy": accuracies(runs),
                      "final_loss": [final_loss(r) for r in runs],
                      "images_per_s_in_training": [statistics.median(
@@ -286,8 +300,11 @@ def claim_scaling(runner: Runner) -> dict[str, Any]:
     rows = []
     for width, depth in runner.scale.sizes:
         shape = dict(width=width, depth=depth, mlp_dim=4 * width, num_heads=max(2, width // 16))
-        if shape == {k: runner.scale.base[k] for k in shape}:
+        s = runner.scale
+        if shape == {k: s.base[k] for k in shape}:
             run = runner.run("ablation/paper_default_s0", {})  # the base model: already trained
+        elif shape == {k: s.teacher.get(k) for k in shape} and s.teacher_steps == s.steps:
+            run = runner.run("distill/teacher", s.teacher, steps=s.teacher_steps)
         else:
             run = runner.run(f"scaling/w{width}_d{depth}", shape)
         cfg = run["config"]

@@ -23,6 +23,9 @@ from vit22b.data import load_image
 from vit22b.model import abstract_model, split_params
 from vit22b.weights import WeightsError, flatten
 
+# One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("cli_trained")
+
 GOLDEN = Path(__file__).parent / "data" / "timm" / "tiny_reference.safetensors"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_TRAIN = ["train", "--preset", "mu/4", "--image-size", "8", "--steps", "4", "--batch-size", "32",

@@ -96,20 +96,16 @@ def test_distilled_student_beats_label_training(teacher, digits16):
     path, teacher_acc = teacher
     assert teacher_acc > 0.85
     data = few_shot(digits16, 5)
-    gaps = []
-    for seed in (1, 2):
-        acc = {}
-        for label_weight in (0.0, 1.0):
-            r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32, eval_every=0,
-                           teacher_dtype="float32",
-                           checkpoint_every=150,
-                           label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
-                           seed=seed, augment=False, progress=False, mesh="1x1",
-                           student_overrides={"dtype_mm": "float32"})
-            acc[label_weight] = r["student_val_accuracy"]
-        gaps.append(acc[0.0] - acc[1.0])
-        assert acc[0.0] > acc[1.0] + 0.05, (seed, acc)  # measured ~0.67 vs ~0.51
-    assert np.mean(gaps) > 0.08, gaps
+    acc = {}
+    for label_weight in (0.0, 1.0):
+        r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32, eval_every=0,
+                       teacher_dtype="float32", checkpoint_every=150,
+                       label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
+                       seed=1, augment=False, progress=False, mesh="1x1",
+                       student_overrides={"dtype_mm": "float32"})
+        acc[label_weight] = r["student_val_accuracy"]
+    # measured ~0.67 vs ~0.51 (seeds 1 and 2 alike; one seed keeps the suite inside its budget)
+    assert acc[0.0] > acc[1.0] + 0.08, acc
 
 
 def test_cli_subcommand(teacher, tmp_path, capsys):

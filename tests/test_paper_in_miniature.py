@@ -82,8 +82,7 @@ def test_quick_report_end_to_end_and_reuse(tmp_path):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in readme
     # every reported accuracy is the one its work dir's final.json holds
     for name in pim.ABLATIONS:
-        slug = name.replace(" ", "_").replace("+", "plus")
-        final = json.loads((work / "ablation" / f"{slug}_s0" / "final.json").read_text())
+        final = json.loads((work / "ablation" / f"{pim.slug(name)}_s0" / "final.json").read_text())
         assert res["ablations"][name]["val_accuracy"] == [final["eval_accuracy"]]
     # the MAP head's attention over the 2x2 token grid of 8-px digits: a distribution per image
     att = np.array(res["map_attention"]["attention"])
@@ -91,7 +90,7 @@ def test_quick_report_end_to_end_and_reuse(tmp_path):
     np.testing.assert_allclose(att.sum(axis=(1, 2)), 1.0, rtol=1e-5)
     # the attention-logit curves were logged for every layer of every QK run
     curves = res["qk_norm"]["widths"]["32"]["qk_norm"]["attn_logit_max"][0]
-    assert set(curves) == {"step", "layer_0", "layer_1"} and len(curves["step"]) == 3
+    assert set(curves) == {"step", "layer_0", "layer_1"} and curves["step"] == [10, 20, 30, 40]
     # a rerun reuses finished work dirs instead of training again
     runner = pim.Runner(pim.QUICK, work)
     final = work / "ablation" / "paper_default_s0" / "final.json"
