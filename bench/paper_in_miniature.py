@@ -73,7 +73,7 @@ FULL = Scale(
     base=dict(width=64, depth=4, mlp_dim=256, num_heads=4, patch_size=7, dtype_mm="float32"),
     steps=400, batch=128, lr=2e-3, seeds=(0, 1, 2),
     qk_widths=(32, 64), qk_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), qk_steps=250,
-    sizes=((16, 2), (32, 3), (64, 4), (96, 5), (128, 6)),
+    sizes=((16, 2), (32, 3), (64, 4), (96, 5)),
     teacher=dict(width=128, depth=6, mlp_dim=512, num_heads=8), teacher_steps=800,
     downstream="digits", transfer_steps=200, timing_steps=20)
 QUICK = Scale(  # shares runs where it can: its QK sweep at the base LR and the teacher (= the
@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("scaling", claim_scaling), ("map_attention", map_attention_samples)):
         print(f"claim: {key}", flush=True)
         results[key] = claim(runner)
-    results.update(load_after=loadavg(), wall_s=time.time() - t0,
+    finals = [json.loads(f.read_text()) for f in root.rglob("final.json")]
+    results.update(load_after=loadavg(), wall_s=time.time() - t0, runs=len(finals),
+                   train_seconds=sum(f["seconds"] for f in finals),
                    timing_valid=load_valid(load0, loadavg()))
     from miniature_report import write_report
 

@@ -50,9 +50,15 @@ def test_verdicts_follow_the_rules():
     assert mr.verdict_probe({**base, "probe_large": 0.75})[0] == mr.REPRODUCED
     assert mr.verdict_probe({**base, "probe_large": 0.65})[0] == mr.INCONCLUSIVE
     assert mr.verdict_probe({**base, "probe_large": 0.55})[0] == mr.NOT_REPRODUCED
-    qk = {"widths": {"32": {"qk_norm": {"lr_sensitivity": 0.1}, "no_qk_norm": {"lr_sensitivity": 0.5}}}}
-    assert mr.verdict_qk(qk)[0] == mr.REPRODUCED
-    qk["widths"]["64"] = {"qk_norm": {"lr_sensitivity": 0.3}, "no_qk_norm": {"lr_sensitivity": 0.2}}
+    assert mr.verdict_probe({**base, "probe_large": 0.75, "finetune_small": 0.55})[0] == mr.INCONCLUSIVE
+
+    def sens(x: float, logit: float) -> dict:
+        return {"lr_sensitivity": x, "attn_logit_max": [{"step": [10], "layer_0": [logit]}]}
+
+    qk = {"widths": {"32": {"qk_norm": sens(0.1, 5.0), "no_qk_norm": sens(0.5, 900.0)}}}
+    verdict, text = mr.verdict_qk(qk)
+    assert verdict == mr.REPRODUCED and "5 with vs 900 without" in text
+    qk["widths"]["64"] = {"qk_norm": sens(0.3, 5.0), "no_qk_norm": sens(0.2, 5.0)}
     assert mr.verdict_qk(qk)[0] == mr.NOT_REPRODUCED
 
 
