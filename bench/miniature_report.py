@@ -284,7 +284,8 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         f"data set's recipe (recipes.py); accuracies on the validation split carved out of the "
         f"training images (the test split is not read). Seeds {list(s['seeds'])}; mean ± sample "
         "standard deviation. The rules that turn numbers into verdicts are in bench/miniature_report.py "
-        "and were fixed before the runs.", "",
+        "and were fixed before the runs, but for one: claim 6's case of a fine-tune below its own probe "
+        "(no gap to close) first read 'not reproduced' and is now 'inconclusive'.", "",
         markdown_table(["claim", "verdict", "numbers", "what limits the conclusion at this scale"],
                        [[c, f"**{v}**", n, lim] for c, v, n, lim in table]), "",
         "## 1. QK norm and learning-rate stability", "",
