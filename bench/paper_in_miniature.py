@@ -130,10 +130,12 @@ class Runner:
             loads = {"load_before": load0, "load_after": loadavg()}
             (workdir / "bench_load.json").write_text(json.dumps(loads))
         log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        # None when the run's process was stopped between its final.json and this record
+        load = workdir / "bench_load.json"
         return {"name": name, "final": json.loads(final.read_text()) if final.exists() else None,
                 "diverged": json.loads(diverged.read_text())["message"] if diverged.exists() else None,
                 "log": log, "config": cfg, "workdir": str(workdir),
-                "load": json.loads((workdir / "bench_load.json").read_text())}
+                "load": json.loads(load.read_text()) if load.exists() else None}
 
 
 def final_loss(run: dict[str, Any]) -> float | None:
