@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -75,6 +76,12 @@ def forward() -> Callable[..., Callable[..., Any]]:
     return make_forward
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """This test run's temporary root, shared by its xdist workers (each has its own basetemp)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
     """mu/4 at 8 px trained 30 steps on digits in a one-device subprocess, once per test run (the
@@ -84,9 +91,7 @@ def digits_ckpt(tmp_path_factory):
     import subprocess
     import sys
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the workers of this run
+    root = shared_tmp(tmp_path_factory)
     path = root / "tasks_digits_ckpt"
     with open(root / "tasks_digits_ckpt.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -113,10 +118,7 @@ def shared_compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the run (shared by the xdist workers): the many
     tests that train the same tiny configs compile each program once (compiling is most of a small
     test's time on CPU). Set through the environment too, so subprocesses use it."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    cache = str(root / "jax_cache")
+    cache = str(shared_tmp(tmp_path_factory) / "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
