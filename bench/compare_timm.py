@@ -73,6 +73,8 @@ OURS = {
     "vit22b bf16": {"dtype_mm": "bfloat16"},
     "vit22b bf16 no-remat": {"dtype_mm": "bfloat16", "remat": "none"},
     "vit22b bf16 act-bf16": {"dtype_mm": "bfloat16", "dtype_act": "bfloat16"},
+    "vit22b f32 fused-out": {"dtype_mm": "float32", "out_projection": "fused"},
+    "vit22b bf16 fused-out": {"dtype_mm": "bfloat16", "out_projection": "fused"},
 }
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
 DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)
@@ -186,10 +188,12 @@ def vit22b_runner(cfg: ModelConfig, kind: str, images: np.ndarray, labels: np.nd
     return train
 
 
-def interleaved_peaks(sizes: list[int], repeats: int) -> dict[str, Any]:
+def interleaved_peaks(sizes: list[int], repeats: int, torch_bf16: bool = True) -> dict[str, Any]:
     """The matmul peaks of both libraries timed round-robin in one loop, like the models: jax
-    bf16->f32 and f32, torch bf16 and f32, best size each; with the load seen around each."""
+    bf16->f32 and f32, torch bf16 (if `torch_bf16`, see torch_peak) and f32, best size each; with
+    the load seen around each."""
     runners: dict[str, Any] = {}
+    torch_forms = (("torch_bf16", torch.bfloat16),) if torch_bf16 else ()
     for n in sizes:
         for name, dtype, acc in (("jax_bf16_f32acc", jnp.bfloat16, jnp.float32),
                                  ("jax_f32", jnp.float32, None)):
@@ -197,7 +201,7 @@ def interleaved_peaks(sizes: list[int], repeats: int) -> dict[str, Any]:
             a = jax.random.normal(jax.random.key(n), (n, n), jnp.float32).astype(dtype)
             jax.block_until_ready(mm(a, a))
             runners[f"{name}@{n}"] = lambda mm=mm, a=a: jax.block_until_ready(mm(a, a))
-        for name, dtype in (("torch_bf16", torch.bfloat16), ("torch_f32", torch.float32)):
+        for name, dtype in (*torch_forms, ("torch_f32", torch.float32)):
             t = torch.randn(n, n, dtype=dtype, device=DEVICE)
             t @ t
             runners[f"{name}@{n}"] = lambda t=t: (t @ t, sync())
@@ -210,10 +214,13 @@ def interleaved_peaks(sizes: list[int], repeats: int) -> dict[str, Any]:
     return {"best_tflops": best, "loads": loads, "valid": all(v["valid"] for v in loads.values())}
 
 
-def torch_peak(sizes: list[int], repeats: int) -> dict[str, float]:
-    """torch's best n x n matmul TFLOP/s on DEVICE, f32 and bf16."""
+def torch_peak(sizes: list[int], repeats: int, bf16: bool = True) -> dict[str, float]:
+    """torch's best n x n matmul TFLOP/s on DEVICE, f32 and (if `bf16`) bf16. On a CPU without
+    AVX-512 BF16 torch falls back to a slow bf16 matmul (1.2 GFLOP/s on a Zen 3, 70x below its
+    f32): a 4096^3 one then takes minutes, so it is timed only when a timm bf16 mode is."""
     best = {}
-    for name, dtype in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
+    forms = (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16))
+    for name, dtype in forms if bf16 else forms[:1]:
         rates = []
         for n in sizes:
             a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
@@ -340,11 +347,12 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     sizes = args.peak_sizes or default_peak_sizes()
-    peaks = {"jax": combine_peaks([measure_peak(sizes, 5)]), "torch": torch_peak(sizes, 5),
-             "interleaved": interleaved_peaks(sizes, 5)}
+    bf16 = any(mode.startswith("timm") and "bf16" in mode for mode in args.modes)
+    peaks = {"jax": combine_peaks([measure_peak(sizes, 5)]), "torch": torch_peak(sizes, 5, bf16),
+             "interleaved": interleaved_peaks(sizes, 5, bf16)}
     print(
         peak_line(peaks["jax"]["runs"][0]) + f"; torch f32 {peaks['torch']['torch_f32']:.3f}, "
-        f"bf16 {peaks['torch']['torch_bf16']:.3f}",
+        f"bf16 {peaks['torch'].get('torch_bf16', float('nan')):.3f}",
         flush=True,
     )
     out, rows = Path(args.out), []
@@ -441,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"\nbest matmul peak on this machine: {best_peak():.3f} TFLOP/s "
-        f"(jax bf16->f32 {peaks['jax']['peak_tflops']:.3f}, torch bf16 {peaks['torch']['torch_bf16']:.3f}); "
+        f"(jax bf16->f32 {peaks['jax']['peak_tflops']:.3f}, "
+        f"torch bf16 {peaks['torch'].get('torch_bf16', float('nan')):.3f}); "
         f"JSON: {out}"
     )
 

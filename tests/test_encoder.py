@@ -182,6 +182,28 @@ def test_remat_policies_give_same_output_and_gradient(scan, policies, tiny2_cfg,
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_split_and_fused_out_projection_agree(tiny2_cfg, images, random_params):
+    """The split out-projection (the default) is the fused one's sum as two matmuls: same loss and
+    gradients, and its program has no concatenate of the [B, N, H, hd + M/H] matmul input."""
+    cfg = tiny2_cfg.replace(head="gap")
+    params = random_params(cfg)
+    ref_loss, ref_grad = loss_and_grad(cfg.replace(out_projection="fused"), params, images)
+    loss, grad = loss_and_grad(cfg.replace(out_projection="split"), params, images)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def concatenates(out_projection: str) -> int:
+        graphdef, _ = split_params(abstract_model(cfg.replace(out_projection=out_projection)))
+        text = jax.jit(lambda p, x: apply(graphdef, p, x)[0]).lower(params, images).as_text()
+        hd_plus = cfg.head_dim + cfg.mlp_dim // cfg.num_heads  # [2, 16, 2, 80]: B, N, H, hd + M/H
+        return len(re.findall(rf"stablehlo\.concatenate.*-> tensor<2x16x2x{hd_plus}x", text))
+
+    assert concatenates("fused") == 1 and concatenates("split") == 0
+    with pytest.raises(ConfigError, match="out_projection='both'.*'split' or 'fused'"):
+        cfg.replace(out_projection="both")
+
+
 def test_unknown_remat_policy_fails(tiny_cfg):
     """Refused when the config is made, before any compile, naming the policies that exist."""
     with pytest.raises(ConfigError, match="remat='save_everything_please'.*nothing_saveable"):

@@ -176,11 +176,15 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
     if cfg.mlp_bias:
         m = m + p["mlp_in_bias"].astype(act)
     m = mlp_act(m, cfg.act, cfg.gelu_approximate)  # [B, N, H, M/H]
-    z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, H, hd + M/H]
+    if collective or cfg.out_projection == "fused":
+        z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, H, hd + M/H]
     if collective:  # partial sums travel the ring while the next block is computed
         y = fused_out_projection(z, p["out_kernel"], None, dt)
-    else:
+    elif cfg.out_projection == "fused":
         y = matmul("bnhf,hfd->bnd", z, p["out_kernel"], dt)
+    else:  # the same sum as two matmuls on the kernel's row blocks: no [B, N, H, F] concatenate
+        w = p["out_kernel"]  # [H, hd + M/H, D]
+        y = matmul("bnhf,hfd->bnd", attn, w[:, :hd], dt) + matmul("bnhf,hfd->bnd", m, w[:, hd:], dt)
     if "out_bias" in p:
         y = y + p["out_bias"]
     return x + y, stat
