@@ -73,8 +73,9 @@ OURS = {
     "vit22b bf16": {"dtype_mm": "bfloat16"},
     "vit22b bf16 no-remat": {"dtype_mm": "bfloat16", "remat": "none"},
     "vit22b bf16 act-bf16": {"dtype_mm": "bfloat16", "dtype_act": "bfloat16"},
-    "vit22b f32 fused-out": {"dtype_mm": "float32", "out_projection": "fused"},
-    "vit22b bf16 fused-out": {"dtype_mm": "bfloat16", "out_projection": "fused"},
+    # the execution defaults before the split out-projection and heads-major attention
+    "vit22b f32 fused-out dpa": {"dtype_mm": "float32", "out_projection": "fused", "attention": "xla"},
+    "vit22b bf16 fused-out dpa": {"dtype_mm": "bfloat16", "out_projection": "fused", "attention": "xla"},
 }
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
 DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)

@@ -105,8 +105,10 @@ class ModelConfig:
     # elementwise passes. "bfloat16" halves that memory traffic (norm and softmax statistics are
     # still computed in float32; the residual stream stays float32); see bench/README.md.
     dtype_act: str = "float32"
-    # "xla" (jax.nn.dot_product_attention), "blockwise" (attention.py: online softmax, memory linear
-    # in tokens) or "auto" (blockwise from layers.BLOCKWISE_FROM_TOKENS keys on, on CPU).
+    # "xla" (jax.nn.dot_product_attention; cuDNN on GPUs), "heads_major" (the same arithmetic as
+    # [B, H]-batched matmuls: faster on CPUs), "blockwise" (attention.py: online softmax, memory
+    # linear in tokens) or "auto" (on CPU blockwise from layers.BLOCKWISE_FROM_TOKENS keys on, else
+    # heads_major; xla elsewhere).
     attention: str = "auto"
     attention_block: int = 128  # keys per block of the blockwise kernel
     # The parallel block's out-projection: "split" runs the attention-out and MLP-out matmuls on the
@@ -218,8 +220,8 @@ class ModelConfig:
              f"qk_norm_type={self.qk_norm_type!r} is not one of None, 'rms', 'layer'")
         need(self.dtype_mm in ("bfloat16", "float32", "float16"),
              f"dtype_mm={self.dtype_mm!r}: use 'bfloat16', 'float16' or 'float32'")
-        need(self.attention in ("auto", "xla", "blockwise"),
-             f"attention={self.attention!r}: use 'auto', 'xla' or 'blockwise'")
+        need(self.attention in ("auto", "xla", "heads_major", "blockwise"),
+             f"attention={self.attention!r}: use 'auto', 'xla', 'heads_major' or 'blockwise'")
         need(self.out_projection in ("split", "fused"),
              f"out_projection={self.out_projection!r}: use 'split' or 'fused'")
         need(self.attention_block > 0, f"attention_block must be positive, got {self.attention_block}")
