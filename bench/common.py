@@ -117,6 +117,20 @@ def load_valid(*loads: tuple[float, ...] | None) -> bool:
     return not any(load is not None and load[0] > cores for load in loads)
 
 
+def refuse_if_invalid(loads: Sequence[dict[str, Any]], out: Path | str) -> bool:
+    """True when any contender's load record (`time_interleaved(loads=...)`) is invalid: then it
+    says so, with the worst load, and the caller prints no summary table (the raw rows stay in
+    the JSON, marked valid=false)."""
+    bad = [entry for entry in loads if not entry.get("valid", True)]
+    if not bad:
+        return False
+    worst = max(max(entry["load_before"], entry["load_after"]) for entry in bad)
+    print(f"\nINVALID RUN: the load average reached {worst:.1f} on {os.cpu_count()} cores during "
+          "timing; round-robin ratios are not trustworthy under such load, so no summary table is "
+          f"printed (the raw rows are in {out}, marked valid=false). Rerun on a quiet machine.")
+    return True
+
+
 def time_interleaved(
     runners: dict[str, Callable[[], Any]], steps: int, pause_s: float = 0.05,
     loads: dict[str, dict[str, Any]] | None = None,

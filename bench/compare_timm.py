@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import time
 from functools import partial
@@ -49,6 +48,7 @@ from common import (
     markdown_table,
     measure_peak,
     peak_line,
+    refuse_if_invalid,
     time_interleaved,
     write_json,
 )
@@ -423,11 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     valid = peaks["interleaved"]["valid"] and all(r.get("valid", True) for r in rows)
     payload.update(valid=valid, loadavg_at_end=loadavg())
     write_json(out, payload)
-    if not valid:
-        worst = max([r["load_before"] for r in rows if "load_before" in r] + [0.0])
-        print(f"\nINVALID RUN: the load average reached {worst:.1f} on {os.cpu_count()} cores during "
-              "timing; round-robin ratios are not trustworthy under such load, so no summary table is "
-              f"printed (the raw rows are in {out}, marked valid=false). Rerun on a quiet machine.")
+    if refuse_if_invalid([*peaks["interleaved"]["loads"].values(), *(r for r in rows if "valid" in r)], out):
         return
     print(
         "\n"

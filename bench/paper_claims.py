@@ -30,6 +30,7 @@ from common import (
     markdown_table,
     measure_peak,
     peak_line,
+    refuse_if_invalid,
     time_interleaved,
     train_step_runner,
     write_json,
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.warmup):
             runners[variant]()
         print(f"  {variant}: compiled in {infos[variant]['compile_s']:.1f} s", flush=True)
-    times = time_interleaved(runners, args.steps)
+    loads: dict[str, Any] = {}
+    times = time_interleaved(runners, args.steps, loads=loads)
     del runners
     gc.collect()
     peak = combine_peaks([*peak["runs"], measure_peak(default_peak_sizes(), 5)])
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 "tflops": tflops,
                 "mfu": tflops / peak["peak_tflops"],
                 "time_vs_paper_default": med / ref,
+                **loads[variant],
                 **infos[variant],
             }
         )
@@ -110,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             "peak": peak,
             "rows": rows,
             "loadavg_at_end": loadavg(),
+            "valid": all(r["valid"] for r in rows),
         },
     )
+    if refuse_if_invalid(rows, args.out):
+        return
     print(
         "\n"
         + markdown_table(

@@ -40,6 +40,7 @@ from common import (
     markdown_table,
     measure_peak,
     peak_line,
+    refuse_if_invalid,
     time_interleaved,
     train_step_runner,
     write_json,
@@ -57,7 +58,8 @@ def sweep(cfgs: dict[str, ModelConfig], batch: int, steps: int, peak: float) -> 
         runners[label], infos[label] = train_step_runner(cfg, batch)
         runners[label]()  # warm-up
         print(f"    {label}: compiled in {infos[label]['compile_s']:.1f} s", flush=True)
-    times = time_interleaved(runners, steps)
+    loads: dict[str, Any] = {}
+    times = time_interleaved(runners, steps, loads=loads)
     del runners
     gc.collect()
     rows = []
@@ -76,6 +78,7 @@ def sweep(cfgs: dict[str, ModelConfig], batch: int, steps: int, peak: float) -> 
                 "img_per_s": batch / med,
                 "tflops": tflops,
                 "mfu": tflops / peak,
+                **loads[label],
                 **infos[label],
             }
         )
@@ -250,8 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         compile=compile_rows,
         digits_train_peak_rss=rss,
         loadavg_at_end=loadavg(),
+        valid=all(r["valid"] for r in res_rows + width_rows),
     )
     write_json(out, payload)
+    if refuse_if_invalid(res_rows + width_rows, out):
+        return
     plot(res_rows, width_rows, compile_rows, out.with_suffix(".png"))
 
     def table(rows: list[dict[str, Any]]) -> str:

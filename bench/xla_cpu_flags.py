@@ -32,6 +32,7 @@ from common import (
     hardware_line,
     loadavg,
     markdown_table,
+    refuse_if_invalid,
     time_interleaved,
     write_json,
 )
@@ -74,10 +75,11 @@ def bench_matmul(n: int, dtype: Any, acc: Any, names: list[str], steps: int) -> 
     compiled, errors = compile_all(lambda a, b: jnp.matmul(a, b, preferred_element_type=acc), (a, b), names)
     reference = np.asarray(compiled["default"](a, b), np.float32)
     diffs = {k: float(np.abs(np.asarray(f(a, b), np.float32) - reference).max()) for k, f in compiled.items()}
+    loads: dict[str, Any] = {}
     times = time_interleaved(
-        {k: (lambda f=f: f(a, b).block_until_ready()) for k, f in compiled.items()}, steps
+        {k: (lambda f=f: f(a, b).block_until_ready()) for k, f in compiled.items()}, steps, loads=loads
     )
-    return {"flops": 2 * n**3, "times": times, "max_abs_diff": diffs, "errors": errors}
+    return {"flops": 2 * n**3, "times": times, "loads": loads, "max_abs_diff": diffs, "errors": errors}
 
 
 def bench_model(spec: str, batch: int, names: list[str], steps: int) -> dict[str, dict[str, Any]]:
@@ -91,8 +93,10 @@ def bench_model(spec: str, batch: int, names: list[str], steps: int) -> dict[str
     fwd, fwd_err = compile_all(lambda p, x: apply(graphdef, p, x)[0], (state["params"], x), names)
     ref = np.asarray(fwd["default"](state["params"], x))
     fwd_diff = {k: float(np.abs(np.asarray(f(state["params"], x)) - ref).max()) for k, f in fwd.items()}
+    fwd_loads: dict[str, Any] = {}
     fwd_times = time_interleaved(
-        {k: (lambda f=f: f(state["params"], x).block_until_ready()) for k, f in fwd.items()}, steps
+        {k: (lambda f=f: f(state["params"], x).block_until_ready()) for k, f in fwd.items()}, steps,
+        loads=fwd_loads,
     )
 
     step_fn = make_train_step(graphdef, tx, tcfg)  # a jax.jit with the state donated
@@ -116,18 +120,21 @@ def bench_model(spec: str, batch: int, names: list[str], steps: int) -> dict[str
     for k in steps_compiled:  # first step from the same state: the losses must agree
         runner(k)()
     first_loss = dict(losses)
-    step_times = time_interleaved({k: runner(k) for k in steps_compiled}, steps)
+    step_loads: dict[str, Any] = {}
+    step_times = time_interleaved({k: runner(k) for k in steps_compiled}, steps, loads=step_loads)
     flops = flops_per_image(cfg)
     return {
         "forward": {
             "flops": flops["forward"] * batch,
             "times": fwd_times,
+            "loads": fwd_loads,
             "max_abs_diff": fwd_diff,
             "errors": fwd_err,
         },
         "train_step": {
             "flops": flops["train"] * batch,
             "times": step_times,
+            "loads": step_loads,
             "errors": step_err,
             "first_loss": first_loss,
         },
@@ -219,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
             "option_sets": {k: OPTION_SETS[k] for k in names},
             "results": results,
             "loadavg_at_end": loadavg(),
+            "valid": all(v["valid"] for res in results.values() for v in res["loads"].values()),
         },
     )
+    if refuse_if_invalid([v for res in results.values() for v in res["loads"].values()], args.out):
+        return
     print(
         "\n"
         + markdown_table(
