@@ -38,10 +38,12 @@ from vit22b.sharding import check_divisibility, make_mesh
 from vit22b.train import TrainConfig, init_state, make_train_step, to_global
 
 
-def model_config(spec: str, dtype: str, remat: str = "nothing_saveable") -> ModelConfig:
+def model_config(spec: str, dtype: str, remat: str = "nothing_saveable", attention: str = "auto"
+                 ) -> ModelConfig:
     """'S/16:224' -> preset S/16 at image size 224 (without ':SIZE', the config's default)."""
     name, _, image = spec.partition(":")
-    return preset(name, dtype_mm=dtype, remat=remat, **({"image_size": int(image)} if image else {}))
+    return preset(name, dtype_mm=dtype, remat=remat, attention=attention,
+                  **({"image_size": int(image)} if image else {}))
 
 
 def bench_config(
@@ -52,8 +54,9 @@ def bench_config(
     warmup: int,
     mesh_spec: str,
     remat: str = "nothing_saveable",
+    attention: str = "auto",
 ) -> Row:
-    model = model_config(spec, dtype, remat)
+    model = model_config(spec, dtype, remat, attention)
     cfg = TrainConfig(
         model=model,
         optim=OptimConfig(),
@@ -92,6 +95,7 @@ def bench_config(
         "batch": batch,
         "dtype_mm": dtype,
         "remat": remat,
+        "attention": attention,
         "num_patches": model.num_patches,
         "devices": mesh.size,
         "params": sum(x.size for x in jax.tree.leaves(state["params"])),
@@ -123,7 +127,8 @@ def add_mfu(rows: list[Row], peak: dict[str, Any], spec_peak: float | None = Non
 
 def format_table(rows: list[Row]) -> str:
     def cells(r: Row) -> list[str]:
-        head = [r["preset"], str(r["image_size"]), str(r["batch"]), r["dtype_mm"], r.get("remat", "")]
+        head = [r["preset"], str(r["image_size"]), str(r["batch"]), r["dtype_mm"], r.get("remat", ""),
+                r.get("attention", "auto")]
         if "error" in r:
             return [*head, "error: " + r["error"][:60], *[""] * 8]
         ms = (f"{r[k]:.1f}" for k in ("step_ms_median", "step_ms_min", "step_ms_max", "img_per_s"))
@@ -144,6 +149,7 @@ def format_table(rows: list[Row]) -> str:
             "batch",
             "dtype",
             "remat",
+            "attention",
             "step ms",
             "min",
             "max",
@@ -185,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         default=["nothing_saveable"],
         help="remat policies to try (a jax.checkpoint_policies name, or none)",
     )
+    ap.add_argument("--attentions", nargs="+", default=["auto"],
+                    help="attention implementations to try (ModelConfig.attention)")
     ap.add_argument(
         "--spec-peak-tflops",
         type=float,
@@ -241,12 +249,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
-    for spec, batch, dtype, remat in itertools.product(
-        args.presets, args.batch_sizes, args.dtypes, args.remats
+    for spec, batch, dtype, remat, attention in itertools.product(
+        args.presets, args.batch_sizes, args.dtypes, args.remats, args.attentions
     ):
-        print(f"  {spec} batch {batch} {dtype} remat {remat} ...", end=" ", flush=True)
+        print(f"  {spec} batch {batch} {dtype} remat {remat} attention {attention} ...", end=" ", flush=True)
         try:
-            row = bench_config(spec, batch, dtype, args.steps, args.warmup, args.mesh, remat)
+            row = bench_config(spec, batch, dtype, args.steps, args.warmup, args.mesh, remat, attention)
             print(f"{row['step_ms_median']:.1f} ms, {row['tflops']:.3f} TFLOP/s", flush=True)
         except Exception as e:  # e.g. out of memory: record it and go on
             row = {
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 "batch": batch,
                 "dtype_mm": dtype,
                 "remat": remat,
+                "attention": attention,
                 "error": f"{type(e).__name__}: {e}",
             }
             print(row["error"][:200], flush=True)

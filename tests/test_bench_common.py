@@ -33,10 +33,29 @@ def test_time_interleaved_rotates_and_records_each_runners_load(monkeypatch):
     quiet, busy = (0.5,), (cores + 1.0,)
     loads_seen = iter([quiet, quiet, quiet, quiet, quiet, busy, quiet, quiet, quiet, quiet, quiet, quiet])
     monkeypatch.setattr(common, "loadavg", lambda: next(loads_seen))
+    monkeypatch.setattr(common, "cpu_busy_s", lambda: None)  # no /proc/stat: the load alone decides
     loads: dict = {}
     times = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                     steps=3, pause_s=0, loads=loads)
     assert calls == ["a", "b", "b", "a", "a", "b"]  # the starting runner rotates
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
-    assert loads["a"] == {"load_before": 0.5, "load_after": 0.5, "valid": True}
+    assert loads["a"] == {"load_before": 0.5, "load_after": 0.5, "foreign_cores": None, "valid": True}
     assert loads["b"]["load_after"] == cores + 1.0 and loads["b"]["valid"] is False
+
+
+def test_a_high_load_of_our_own_threads_is_valid_but_other_processes_are_not(monkeypatch):
+    """The load average counts the benchmark's own threads; what invalidates a run above the core
+    count is CPU time that other processes took during the contender's calls."""
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(common, "loadavg", lambda: (cores + 0.2,))
+    monkeypatch.setattr(common.time, "process_time", lambda: 0.0)  # this process: no CPU time
+    for others_per_call, valid in ((0.0, True), (1.0, False)):
+        busy = iter(range(100))
+        monkeypatch.setattr(common, "cpu_busy_s", lambda o=others_per_call, b=busy: o * next(b))
+        loads: dict = {}
+        common.time_interleaved({"a": lambda: common.time.sleep(0.02)}, steps=2, pause_s=0, loads=loads)
+        assert loads["a"]["valid"] is valid
+        if others_per_call:  # 1 CPU-second per ~0.02 s call: far above FOREIGN_CORES_MAX
+            assert loads["a"]["foreign_cores"] > 10 * common.FOREIGN_CORES_MAX
+        else:
+            assert loads["a"]["foreign_cores"] == 0.0
