@@ -112,9 +112,9 @@ class ModelConfig:
     attention: str = "auto"
     attention_block: int = 128  # keys per block of the blockwise kernel
     # The parallel block's out-projection: "split" runs the attention-out and MLP-out matmuls on the
-    # fused kernel's two row blocks and sums them (no concatenate of their inputs: +4% train, +11%
-    # inference on CPU, bench/README.md); "fused" is one matmul on the concatenation, the paper's
-    # literal form. The parameters are the same; collective_matmul always uses the fused form.
+    # fused kernel's two row blocks and sums them (no concatenate of their inputs; with heads-major
+    # attention +6-7% S/16 img/s on CPU, README "Performance"); "fused" is one matmul on the
+    # concatenation, the paper's literal form. Same parameters; collective_matmul always fuses.
     out_projection: str = "split"
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
