@@ -79,8 +79,11 @@ def test_search_respects_hbm() -> None:
 
 
 def test_memory_close_to_xla_memory_analysis() -> None:
-    """bench/plan_validate.py measured |peak error| <= 12% on B/16 ... 22B/14; allow 25% here."""
-    cfg = preset("S/16", depth=2, image_size=64)
+    """bench/plan_validate.py measured |peak error| <= 12% on B/16 ... 22B/14; allow 25% here.
+    The planner models accelerators, where attention="auto" is dot_product_attention ("xla"); on
+    CPU auto is heads-major, whose step needed 17.2 MB of temporaries here against the planned
+    21.6 (26% over), so the attention form is pinned to what the plan describes."""
+    cfg = preset("S/16", depth=2, image_size=64, attention="xla")
     xla = step_memory(TrainConfig(model=cfg, batch_size=32, mesh="4x2"), make_mesh("4x2"))
     args, temp = xla["arguments"], xla["temp"]
     planned = memory(cfg, 32, 4, 2)
