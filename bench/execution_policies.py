@@ -29,10 +29,11 @@ from common import (
 from vit22b.config import preset
 
 POLICIES: dict[str, dict[str, Any]] = {
-    "scan, nothing_saveable (default)": {},
+    "scan, auto (default: dots_saveable on CPU)": {},
+    "scan, nothing_saveable": {"remat": "nothing_saveable"},
     "scan, dots_saveable": {"remat": "dots_saveable"},
     "scan, none": {"remat": "none"},
-    "unrolled, nothing_saveable": {"scan": False},
+    "unrolled, nothing_saveable": {"scan": False, "remat": "nothing_saveable"},
     "unrolled, dots_saveable": {"scan": False, "remat": "dots_saveable"},
     "unrolled, none": {"scan": False, "remat": "none"},
 }

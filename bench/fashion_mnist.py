@@ -57,7 +57,7 @@ def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dic
             "time_valid": None if before is None else not any(x[0] > cores for x in (before, after))}
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, earlier: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,6 +67,12 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         pts = [(s / 60, a) for s, _, a in r["curve"] if s is not None]
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=f"seed {r['seed']}")
+    for i, r in enumerate((earlier or {}).get("runs", [])):
+        pts = [(s / 60, a) for s, _, a in r["curve"] if s is not None]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], color="lightgrey", ls=":", marker=".",
+                label=f"{earlier['label']} (seeds)" if i == 0 else None)
+    ax.axvline(15, color="black", lw=0.7)
+    ax.text(15, 61, " 15 min", fontsize=7)
     for name, acc in REFERENCE.items():
         ax.axhline(100 * acc, color="grey", lw=0.7, ls="--")
         ax.text(ax.get_xlim()[1], 100 * acc, f" {name}", va="center", fontsize=7, color="grey")
@@ -82,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--workdirs", default="workdirs/bench-fashion-mnist")
     ap.add_argument("--out", default="bench/results/fashion_mnist_cpu.json")
+    ap.add_argument("--compare", nargs=2, metavar=("JSON", "LABEL"),
+                    default=["bench/results/fashion_mnist_cpu_v1.json", "previous recipe"],
+                    help="an earlier result file whose curves the plot shows in grey")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     runs = [run_seed(s, Path(args.workdirs) / f"seed{s}", args.eval_every, extra) for s in args.seeds]
     accs = [r["test_accuracy"] for r in runs]
@@ -102,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_json(out, {"command": " ".join(["python", "bench/fashion_mnist.py", *argv]), "extra_flags": extra,
                      "runs": runs, "summary": summary, "reference": REFERENCE})
-    plot(runs, out.with_suffix(".png"))
+    earlier = Path(args.compare[0])
+    plot(runs, out.with_suffix(".png"),
+         {**json.loads(earlier.read_text()), "label": args.compare[1]} if earlier.exists() else None)
     print(f"JSON: {out}, plot: {out.with_suffix('.png')}")
     return 0
 

@@ -117,7 +117,9 @@ class Runner:
             optim={"learning_rate": lr or self.scale.lr}, steps=steps or self.scale.steps,
             batch_size=self.scale.batch, workdir=str(workdir), seed=seed, eval_every=0,
             checkpoint_every=max(50, (steps or self.scale.steps) // 2), log_every=10, progress=False,
-            mesh="1x1", log_attention_logits=True, **self.holdout, **fields)
+            mesh="1x1", log_attention_logits=True, **self.holdout,
+            # the report was measured with translations and flips (the recipe's augmentation then)
+            **({"augment": "crop_flip"} | fields))
         if not final.exists() and not diverged.exists():
             t0, load0 = time.time(), loadavg()
             print(f"  run {name} ...", end=" ", flush=True)

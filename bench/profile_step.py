@@ -18,6 +18,7 @@ TensorBoard's profile plugin or ui.perfetto.dev.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import gzip
 import json
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default=None, help="override the config's remat policy")
+    ap.add_argument("--model", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="ModelConfig overrides, e.g. width=128 in_channels=1 (a Python literal or a string)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
@@ -65,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides: dict[str, Any] = {"dtype_mm": args.dtype, **({"image_size": int(image)} if image else {})}
     if args.remat:
         overrides["remat"] = args.remat
+    for item in args.model:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[field] = value
     cfg = preset(name, **overrides)
     hw = hardware()
     print(hardware_line(hw), flush=True)
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": command_line("bench/profile_step.py", argv),
         "hardware": hw,
         "preset": args.preset,
+        "model_overrides": args.model,
         "batch": args.batch,
         "dtype_mm": args.dtype,
         "remat": cfg.remat,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -155,10 +156,31 @@ def test_digits_augmentation_is_a_translation_without_flip(digits):
     assert len(set(shifts)) > 5  # offsets vary across the batch
 
 
+def test_flip_augmentation_mirrors_some_examples_and_nothing_else(digits):
+    clothes = dataclasses.replace(digits, flip=True)  # a data set whose classes survive a mirror
+    plain = next(clothes.train_batches(128, seed=4, augment="none"))
+    flipped = next(clothes.train_batches(128, seed=4, augment="flip"))
+    np.testing.assert_array_equal(plain["label"], flipped["label"])
+    mirrored = [np.array_equal(f, p[:, ::-1]) and not np.array_equal(f, p)
+                for p, f in zip(plain["image"], flipped["image"], strict=True)]
+    same = [np.array_equal(f, p) for p, f in zip(plain["image"], flipped["image"], strict=True)]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True))
+    assert 40 < sum(mirrored) < 88  # about half of 128, by a fair coin per example
+    # digits may not be mirrored: "flip" on them is the identity, "none" the plain images
+    np.testing.assert_array_equal(next(digits.train_batches(128, seed=4, augment="flip"))["image"],
+                                  plain["image"])
+    # True/False are "crop_flip"/"none"
+    assert_batches_equal(take(digits.train_batches(64, seed=2, augment=True), 2),
+                         take(digits.train_batches(64, seed=2, augment="crop_flip"), 2))
+    with pytest.raises(DataError, match="crop_flip, flip, none"):
+        next(digits.train_batches(8, augment="mixup"))
+
+
 def test_digits_multiprocess_shares_partition_the_global_batch(digits):
-    for augment in (True, False):
-        whole = take(digits.train_batches(96, seed=7, augment=augment, start_step=10), 3)
-        shares = [take(digits.train_batches(32, seed=7, augment=augment, start_step=10,
+    clothes = dataclasses.replace(digits, flip=True)  # flips drawn per global batch too
+    for augment in ("crop_flip", "flip", "none"):
+        whole = take(clothes.train_batches(96, seed=7, augment=augment, start_step=10), 3)
+        shares = [take(clothes.train_batches(32, seed=7, augment=augment, start_step=10,
                                             process_index=i, process_count=3), 3) for i in range(3)]
         for s in range(3):
             for key in ("image", "label"):
@@ -227,6 +249,13 @@ def test_folder_determinism_resume_and_augmentation(folder):
     plain = next(folder.train_batches(4, workers=0, seed=3, augment=False))
     np.testing.assert_array_equal(plain["label"], full[0]["label"])
     assert not np.allclose(plain["image"], full[0]["image"])
+    # "flip": the plain (central-crop) image or its mirror, nothing else
+    flips = take(folder.train_batches(4, workers=0, seed=3, augment="flip"), 3)
+    plains = take(folder.train_batches(4, workers=0, seed=3, augment="none"), 3)
+    kinds = [("same" if np.array_equal(f, p) else "mirror" if np.array_equal(f, p[:, ::-1]) else "other")
+             for fb, pb in zip(flips, plains, strict=True)
+             for f, p in zip(fb["image"], pb["image"], strict=True)]
+    assert "other" not in kinds and "mirror" in kinds and "same" in kinds
 
 
 def test_folder_multiprocess_shares(folder):

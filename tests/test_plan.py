@@ -13,7 +13,20 @@ import pytest
 from vit22b.compiled_step import step_memory
 from vit22b.config import ConfigError, preset
 from vit22b.optim import OptimConfig
-from vit22b.plan import HARDWARE, HEADROOM, GiB, add_plan_parser, memory, plan, search, state_layout
+from vit22b.plan import (
+    AUTO_REMAT_HEADROOM,
+    AUTO_REMAT_ORDER,
+    HARDWARE,
+    HEADROOM,
+    GiB,
+    add_plan_parser,
+    auto_remat,
+    device_memory_bytes,
+    memory,
+    plan,
+    search,
+    state_layout,
+)
 from vit22b.sharding import make_mesh
 from vit22b.train import TrainConfig, init_state
 
@@ -83,7 +96,7 @@ def test_memory_close_to_xla_memory_analysis() -> None:
     The planner models accelerators, where attention="auto" is dot_product_attention ("xla"); on
     CPU auto is heads-major, whose step needed 17.2 MB of temporaries here against the planned
     21.6 (26% over), so the attention form is pinned to what the plan describes."""
-    cfg = preset("S/16", depth=2, image_size=64, attention="xla")
+    cfg = preset("S/16", depth=2, image_size=64, attention="xla", remat="nothing_saveable")
     xla = step_memory(TrainConfig(model=cfg, batch_size=32, mesh="4x2"), make_mesh("4x2"))
     args, temp = xla["arguments"], xla["temp"]
     planned = memory(cfg, 32, 4, 2)
@@ -93,6 +106,30 @@ def test_memory_close_to_xla_memory_analysis() -> None:
     assert 0 <= planned["arguments"] - args <= 8 * 64
     assert planned["temp"] == pytest.approx(temp, rel=0.25)
     assert planned["peak"] == pytest.approx(args + temp, rel=0.25)
+
+
+def test_auto_remat_takes_the_platforms_first_policy_that_fits_and_xla_agrees() -> None:
+    """remat="auto": for device memories just above each policy's planned peak (over the
+    headroom), the platform's first policy that fits (accelerators: least recompute first; CPUs
+    skip "none", which measured no faster there); XLA's own figure for the chosen step stays
+    inside the memory it was chosen for."""
+    cfg = preset("S/16", depth=2, image_size=64, attention="xla")
+    peaks = {r: memory(cfg, 32, 1, 1, r)["peak"] for r in AUTO_REMAT_ORDER["accelerator"]}
+    assert peaks["none"] > peaks["dots_saveable"] > peaks["nothing_saveable"]
+    for fits, on_gpu, on_cpu in [("none", "none", "dots_saveable"),
+                                 ("dots_saveable", "dots_saveable", "dots_saveable"),
+                                 ("nothing_saveable", "nothing_saveable", "nothing_saveable")]:
+        device_bytes = int(peaks[fits] / AUTO_REMAT_HEADROOM) + 1
+        assert auto_remat(cfg, 32, 1, 1, device_bytes, platform="gpu")[0] == on_gpu
+        assert auto_remat(cfg, 32, 1, 1, device_bytes, platform="cpu")[0] == on_cpu
+    assert auto_remat(cfg, 32, 1, 1, 1)[0] == "nothing_saveable"  # nothing fits: the most frugal
+    assert auto_remat(cfg, 32, 1, 1, None)[0] == "nothing_saveable"  # memory unknown
+    device_bytes = int(peaks["dots_saveable"] / AUTO_REMAT_HEADROOM) + 1
+    chosen = cfg.replace(remat=auto_remat(cfg, 32, 1, 1, device_bytes)[0])
+    xla = step_memory(TrainConfig(model=chosen, batch_size=32, mesh="1x1"), make_mesh("1x1"))
+    assert xla["arguments"] + xla["temp"] <= device_bytes
+    host = device_memory_bytes(jax.devices()[0])  # CPU: MemAvailable, shared by the host devices
+    assert host is not None and host > 0
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ def digits():
 def test_digits_defaults_are_the_cli_defaults(digits):
     cfg = train_config_for(digits, "digits")
     assert (cfg.workdir, cfg.steps, cfg.batch_size, cfg.loss) == ("workdirs/digits", 1500, 128, "sigmoid")
+    assert cfg.augment == "crop_flip"  # translations (digits are never flipped: the data set says so)
     o = cfg.optim
     assert (o.optimizer, o.learning_rate, o.schedule) == ("adafactor", 3e-3, "rsqrt")
     assert (o.warmup_steps, o.cooldown_steps, o.timescale) == (85, 254, 85)  # 1500 x 10/177, 30/177
@@ -38,6 +39,10 @@ def test_overrides_and_run_length_scaling(digits):
     assert (cfg.optim.warmup_steps, cfg.optim.cooldown_steps, cfg.optim.learning_rate) == (20, 60, 1e-2)
     assert (cfg.model.width, cfg.model.remat, cfg.model.head_bias_init) == (32, "none", 0.0)
     assert cfg.label_smoothing == 0.0  # None: the recipe's
+    assert train_config_for(digits, "digits", augment="flip").augment == "flip"
+    assert train_config_for(digits, "digits", augment=False).augment == "none"  # the old bool form
+    with pytest.raises(ValueError, match="choose one of crop_flip, flip, none"):
+        train_config_for(digits, "digits", augment="cutmix")
 
 
 def test_init_and_preset_together_is_refused(digits):
@@ -51,4 +56,5 @@ def test_flag_help_shows_each_data_sets_default():
 
     assert effective_default("learning_rate") == "digits: 0.003; fashion-mnist: 0.002; else: 0.001"
     assert effective_default("batch_size") == "all data: 128"
+    assert effective_default("augment") == "fashion-mnist: none; else: crop_flip"
     assert effective_default("preset") == "digits: nano/4; fashion-mnist: nano/7; else: Ti/16"

@@ -50,6 +50,21 @@ def test_train_writes_results_and_learns(tmp_path, digits8):
     assert list((tmp_path / "tb").iterdir())
 
 
+def test_auto_remat_runs_the_planners_choice(tmp_path, digits8, capsys):
+    """remat="auto" resolves once per run (a tiny model fits; on CPU the order starts with
+    dots_saveable) and trains exactly as that policy given by hand; the run's record says which
+    policy ran."""
+    auto = tiny_config(tmp_path / "auto", model=preset("mu/4", **TINY, remat="auto"))
+    train(auto, digits8)
+    assert "remat auto -> dots_saveable" in capsys.readouterr().out
+    record = json.loads((tmp_path / "auto" / "train_config.json").read_text())
+    assert record["model"]["remat"] == "dots_saveable"
+    train(tiny_config(tmp_path / "dots", model=auto.model.replace(remat="dots_saveable")), digits8)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("auto", "dots"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_step_compiles_once(tmp_path):
     cfg = tiny_config(tmp_path)
     mesh = make_mesh(cfg.mesh)

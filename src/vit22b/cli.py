@@ -35,6 +35,8 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, list[str] | None, str]] = [
     ("--batch-size", "batch_size", int, None, "global batch"),
     ("--loss", "loss", str, ["sigmoid", "softmax"], "sigmoid: JFT-style multi-label, as the paper"),
     ("--label-smoothing", "label_smoothing", float, None, "targets (1 - e) onehot + e / classes"),
+    ("--augment", "augment", str, ["crop_flip", "flip", "none"],
+     "training augmentation: random translation or crop, and flip (where the data allow)"),
     ("--optimizer", "optimizer", str, ["adafactor", "adamw", "sgd"], "the paper's is adafactor"),
     ("--lr", "learning_rate", float, None, "peak learning rate"),
     ("--schedule", "schedule", str, ["rsqrt", "cosine", "constant"], "learning-rate schedule"),
@@ -63,7 +65,7 @@ def _train_parser(sub: Any) -> None:
                        help=f"{what} (default {effective_default(field)})".replace("%", "%%"))
     g.add_argument("--timescale", type=int, default=None, help="rsqrt timescale (default = warmup)")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--no-augment", action="store_true")
+    g.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     p.add_argument("--workdir", default=None, help="default workdirs/<data name>")
     p.add_argument("--init", default=None, metavar="MODEL_DIR",
                    help="start from these weights (a model dir from train/finetune/import, or a "
@@ -98,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                            optim={k: v for k, v in flags.items() if v is not None},
                            workdir=args.workdir, val_data=args.val_data, val_fraction=val_fraction,
                            holdout=args.holdout, batch_size=args.batch_size, loss=args.loss,
-                           label_smoothing=args.label_smoothing, augment=not args.no_augment,
+                           label_smoothing=args.label_smoothing,
+                           augment="none" if args.no_augment else args.augment,
                            **run_fields(args))
     model_cfg = cfg.model
     print(f"training {args.init or args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "

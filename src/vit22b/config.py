@@ -117,7 +117,10 @@ class ModelConfig:
     # concatenation, the paper's literal form. Same parameters; collective_matmul always fuses.
     out_projection: str = "split"
     scan: bool = True  # lax.scan over layers: compile time flat in depth
-    remat: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+    # A jax.checkpoint_policies name, "none", or "auto": the trainer asks the planner for the
+    # platform's fastest policy that fits the device (plan.auto_remat); outside the trainer (no
+    # batch or mesh to plan for) "auto" means "nothing_saveable".
+    remat: str = "auto"
     # The paper's asynchronous parallel linear (parallel_linear.py) for the fused projections
     # when the mesh has a model axis; False: XLA's own all-gather / reduce-scatter.
     collective_matmul: bool = False
@@ -231,11 +234,11 @@ class ModelConfig:
              f"norm_eps={self.norm_eps}: use a small positive number, e.g. 1e-6")
         need(math.isfinite(self.head_bias_init), f"head_bias_init={self.head_bias_init}: use a finite "
              "number, e.g. 0 or -log(classes - 1)")
-        if self.remat != "none":  # checked here: otherwise it fails only when the step is traced
+        if self.remat not in ("none", "auto"):  # checked here, not when the step is traced
             import jax
 
             need(callable(getattr(jax.checkpoint_policies, self.remat, None)),
-                 f"remat={self.remat!r}: use 'none' or a jax.checkpoint_policies name, e.g. "
+                 f"remat={self.remat!r}: use 'auto', 'none' or a jax.checkpoint_policies name, e.g. "
                  "'nothing_saveable' or 'dots_saveable'")
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -49,6 +49,22 @@ class DataError(ValueError):
     """Data that can't be used: the message names the cause and the fix."""
 
 
+# Training augmentation, `--augment`: "crop_flip" (in memory: a random translation of up to 1/8 of
+# the side, background-padded; files: a random-resized crop) plus a horizontal flip where the data
+# set allows one; "flip" the flip alone; "none". Short runs on small images learn faster without
+# the translation (README, "Real data").
+AUGMENTATIONS = ("crop_flip", "flip", "none")
+
+
+def augment_mode(augment: bool | str) -> str:
+    """An augmentation name from AUGMENTATIONS; True/False mean "crop_flip"/"none"."""
+    if isinstance(augment, bool):
+        return "crop_flip" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"augment={augment!r}: choose one of {', '.join(AUGMENTATIONS)} (--augment)")
+    return augment
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
     """One split: labels plus either in-memory images or encoded ones (files, ArrayRecord records)."""
@@ -152,7 +168,7 @@ class ImageDataset:
         return len(self.val)
 
     def train_batches(
-        self, batch_size: int, *, seed: int = 0, start_step: int = 0, augment: bool = True,
+        self, batch_size: int, *, seed: int = 0, start_step: int = 0, augment: bool | str = True,
         process_index: int = 0, process_count: int = 1, workers: int | None = None,
     ) -> Iterator[Batch]:
         """Infinite {"image": f32 [B, S, S, C] in [-1, 1], "label": i32 [B]}; batch s = f(seed, s).
@@ -160,8 +176,10 @@ class ImageDataset:
         `batch_size` is per process; process i of n gets slice i of the global batch (B * n).
         Streamed (encoded) data add "skipped_index" i64 [B]: the example an undecodable file was
         replaced for, -1 for none. `workers`: decoding processes (None: `default_workers()`; 0:
-        decode in this process); the batches are the same for any count.
+        decode in this process); the batches are the same for any count. `augment`: one of
+        AUGMENTATIONS (True: "crop_flip", False: "none").
         """
+        augment = augment_mode(augment)
         global_batch = batch_size * process_count
         if process_count < 1 or not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} with process_count={process_count}: "
@@ -185,10 +203,11 @@ class ImageDataset:
 
     def _memory_batches(
         self, order: _EpochOrder, batch_size: int, process_count: int, process_index: int,
-        seed: int, step: int, augment: bool,
+        seed: int, step: int, augment: str,
     ) -> Iterator[Batch]:
-        """In-memory images, augmented by a random translation (pad with background 0, crop back)
-        and, where the data set allows it, a random horizontal flip."""
+        """In-memory images, augmented ("crop_flip") by a random translation (pad with background 0,
+        crop back) and, where the data set allows it, a random horizontal flip ("flip": that alone).
+        Both are one gather of row and column indices."""
         images, labels, size = self.train.images, self.train.labels, self.image_size
         assert images is not None
         pad = max(1, size // 8)
@@ -199,15 +218,16 @@ class ImageDataset:
         grid = np.arange(size)
         while True:
             idx = order.take(step * global_batch + process_index * batch_size, batch_size)
-            if augment:  # offsets drawn for the whole global batch, so shares match any layout
+            # random draws cover the whole global batch, so each process's share matches any layout
+            if augment == "crop_flip":
                 off = np.random.default_rng([seed, 1, step]).integers(0, 2 * pad + 1, (global_batch, 2))
-                ys, xs = off[mine, 0:1] + grid, off[mine, 1:2] + grid  # [B, S] each
-                if self.flip:  # mirrored column indices flip the crop in the same gather
-                    flips = np.random.default_rng([seed, 2, step]).random(global_batch)[mine] < 0.5
-                    xs = np.where(flips[:, None], xs[:, ::-1], xs)
-                batch = padded[idx][rows, ys[:, :, None], xs[:, None, :]]
-            else:
-                batch = images[idx]
+            else:  # no translation: the crop at offset `pad` is the image itself
+                off = np.full((global_batch, 2), pad)
+            ys, xs = off[mine, 0:1] + grid, off[mine, 1:2] + grid  # [B, S] each
+            if self.flip and augment != "none":  # mirrored column indices flip in the same gather
+                flips = np.random.default_rng([seed, 2, step]).random(global_batch)[mine] < 0.5
+                xs = np.where(flips[:, None], xs[:, ::-1], xs)
+            batch = images[idx] if augment == "none" else padded[idx][rows, ys[:, :, None], xs[:, None, :]]
             yield {"image": _normalise(batch), "label": labels[idx]}
             step += 1
 

@@ -117,8 +117,9 @@ class Encoder(nnx.Module):
                 ys["attn_logit_max"] = stat
             return x, ys
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat),
+        if cfg.remat != "none":  # "auto" unresolved (no trainer to plan for): the frugal policy
+            policy = "nothing_saveable" if cfg.remat == "auto" else cfg.remat
+            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy),
                                   prevent_cse=not cfg.scan)
         params = self.stacked_params()
         if cfg.scan:

@@ -126,7 +126,7 @@ class DecodeTrainExample:
     labels: np.ndarray
     order: Any  # data._EpochOrder: position -> example index
     image_size: int
-    augment: bool
+    augment: str  # data.AUGMENTATIONS: "crop_flip", "flip" or "none"
     in_channels: int = 3
 
     def __call__(self, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -136,8 +136,12 @@ class DecodeTrainExample:
             i = self.order[k + attempt * n]
             try:
                 data = self.encoded[i]
-                image = (train_image(data, self.image_size, rng) if self.augment
-                         else eval_image(data, self.image_size))
+                if self.augment == "crop_flip":
+                    image = train_image(data, self.image_size, rng)
+                else:
+                    image = eval_image(data, self.image_size)
+                    if self.augment == "flip" and rng.random() < 0.5:
+                        image = image[:, ::-1]
             except _DECODE_ERRORS:
                 skipped = i if skipped < 0 else skipped
                 continue

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vit22b.checkpoint import Checkpointer, abstract_like
 from vit22b.config import ConfigError, ModelConfig
-from vit22b.data import ImageDataset, load_dataset
+from vit22b.data import ImageDataset, augment_mode, load_dataset
 from vit22b.interrupt import StopSignals, TrainingInterrupted, agreed_stop
 from vit22b.metrics import MetricsWriter
 from vit22b.model import abstract_model, apply, init_model, logical_axes, split_params
@@ -45,6 +45,8 @@ from vit22b.objectives import (
 )
 from vit22b.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from vit22b.sharding import (
+    DATA,
+    MODEL,
     batch_sharding,
     check_divisibility,
     make_mesh,
@@ -76,7 +78,7 @@ class TrainConfig:
     loss: Loss = "sigmoid"  # JFT-style multi-label sigmoid cross-entropy, as the paper
     label_smoothing: float = 0.0  # targets (1 - e) * onehot + e / classes
     holdout: str = "test"  # idx data sets: "test" split, or "train" (val_fraction of the train images)
-    augment: bool = True
+    augment: str = "crop_flip"  # data.AUGMENTATIONS ("flip", "none"); True/False are taken too
     data_workers: int | None = None  # decoding processes for streamed data; None: data.default_workers()
     seed: int = 0
     log_every: int = 50
@@ -106,6 +108,7 @@ class TrainConfig:
         return math.ceil(self.steps / 10) if self.eval_every is None else self.eval_every
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", augment_mode(self.augment))
         for name in ("grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} "
@@ -138,11 +141,31 @@ def state_shardings(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, optax.GradientTr
                           "opt_state": opt_state}
 
 
+def planned_remat(cfg: TrainConfig, mesh: Mesh) -> TrainConfig:
+    """remat="auto" resolved by the planner for this batch, mesh, platform and device memory
+    (plan.auto_remat); any other policy is kept."""
+    if cfg.model.remat != "auto":
+        return cfg
+    from vit22b.plan import auto_remat, device_memory_bytes
+
+    teacher = teacher_config(cfg.teacher, cfg.model, cfg.teacher_dtype) if cfg.teacher else None
+    device = mesh.devices.flat[0]
+    device_bytes = device_memory_bytes(device)
+    if jax.process_count() > 1:  # every process must compile the same step: plan for the smallest
+        sizes = multihost_utils.process_allgather(np.asarray(device_bytes or 0, np.int64))
+        device_bytes = int(np.min(sizes)) or None
+    remat, _ = auto_remat(cfg.model, cfg.batch_size, mesh.shape[DATA], mesh.shape[MODEL],
+                          device_bytes, cfg.optim.optimizer, cfg.grad_accum, teacher, device.platform)
+    return dataclasses.replace(cfg, model=cfg.model.replace(remat=remat))
+
+
 def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = False
                ) -> tuple[Any, optax.GradientTransformation, State, Any]:
     """The train state, created directly in its shards (no full copy on one device).
-    `abstract=True`: ShapeDtypeStructs with those shardings (a restore target), nothing computed."""
+    `abstract=True`: ShapeDtypeStructs with those shardings (a restore target), nothing computed.
+    The graphdef carries the model as it runs: remat="auto" resolved (`planned_remat`)."""
     mesh = mesh or make_mesh(cfg.mesh)
+    cfg = planned_remat(cfg, mesh)
     graphdef, tx, shardings = state_shardings(cfg, mesh)
 
     def init() -> State:
@@ -331,6 +354,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None) -> dict[str, An
         raise TrainingError(f"batch {cfg.batch_size} does not split over {jax.process_count()} "
                             "processes: use a multiple of the process count")
     _check_run(cfg, dataset, workdir)
+    if cfg.model.remat == "auto":
+        cfg = planned_remat(cfg, mesh)
+        if lead:
+            print(f"remat auto -> {cfg.model.remat} (the planner's choice for this platform, batch "
+                  "and memory)", flush=True)
     lock = lock_workdir(workdir)  # refuses if another run holds the work dir; creates it if new
     try:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, lead=lead)
