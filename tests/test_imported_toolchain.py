@@ -184,7 +184,9 @@ def test_train_from_an_imported_model_on_a_mesh_equals_one_device(imported, rgb_
     a, b = (load_file(str(tmp_path / w / "model.safetensors")) for w in ("4x2", "8x1"))
     start = load_file(str(imported / "model.safetensors"))
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # Adam divides by sqrt(v): where a gradient is near zero, the meshes' different summation
+        # orders reach the update at ~1e-6 (seen under remat=dots_saveable, auto's CPU choice)
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=3e-6, err_msg=name)
     moved = np.abs(a["encoder/qkv_kernel"] - start["encoder/qkv_kernel"]).max()
     assert 0 < moved < 0.01, moved  # two AdamW steps of lr <= 1e-3 from the imported kernel
     capsys.readouterr()

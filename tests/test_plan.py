@@ -128,7 +128,7 @@ def test_auto_remat_takes_the_platforms_first_policy_that_fits_and_xla_agrees() 
     chosen = cfg.replace(remat=auto_remat(cfg, 32, 1, 1, device_bytes)[0])
     xla = step_memory(TrainConfig(model=chosen, batch_size=32, mesh="1x1"), make_mesh("1x1"))
     assert xla["arguments"] + xla["temp"] <= device_bytes
-    host = device_memory_bytes(jax.devices()[0])  # CPU: MemAvailable, shared by the host devices
+    host = device_memory_bytes(jax.devices()[0])  # CPU: MemTotal, shared by the host devices
     assert host is not None and host > 0
 
 

@@ -242,15 +242,17 @@ AUTO_REMAT_HEADROOM = 0.5  # the planner's peak is within 10% of XLA's; leave th
 
 
 def device_memory_bytes(device: Any) -> int | None:
-    """One device's memory: the allocator's limit on accelerators, the host's available memory
-    shared by its CPU devices; None where neither is known."""
+    """One device's memory: the allocator's limit on accelerators, the host's total memory shared
+    by its CPU devices; None where neither is known. Both are fixed properties of the machine (not
+    what happens to be free), so every process of a run on like hosts plans the same step without
+    a collective."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     if device.platform == "cpu":
         try:
             meminfo = Path("/proc/meminfo").read_text().split("\n")
-            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
         except (OSError, StopIteration, ValueError, IndexError):
             return None
         return kib * 1024 // max(1, jax.local_device_count())

@@ -149,13 +149,10 @@ def planned_remat(cfg: TrainConfig, mesh: Mesh) -> TrainConfig:
     from vit22b.plan import auto_remat, device_memory_bytes
 
     teacher = teacher_config(cfg.teacher, cfg.model, cfg.teacher_dtype) if cfg.teacher else None
-    device = mesh.devices.flat[0]
-    device_bytes = device_memory_bytes(device)
-    if jax.process_count() > 1:  # every process must compile the same step: plan for the smallest
-        sizes = multihost_utils.process_allgather(np.asarray(device_bytes or 0, np.int64))
-        device_bytes = int(np.min(sizes)) or None
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # local
     remat, _ = auto_remat(cfg.model, cfg.batch_size, mesh.shape[DATA], mesh.shape[MODEL],
-                          device_bytes, cfg.optim.optimizer, cfg.grad_accum, teacher, device.platform)
+                          device_memory_bytes(device), cfg.optim.optimizer, cfg.grad_accum, teacher,
+                          device.platform)
     return dataclasses.replace(cfg, model=cfg.model.replace(remat=remat))
 
 
