@@ -19,6 +19,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from common import (
 )
 from vit22b.config import preset
 from vit22b.flops import flops_per_image
-from vit22b.model import apply
+from vit22b.model import apply, init_model, split_params
 from vit22b.train import TrainConfig, init_state, make_train_step
 
 DOT = "LIBRARY_FUSION_TYPE_DOT"
@@ -51,18 +52,31 @@ OPTION_SETS: dict[str, dict[str, Any]] = {
     "ynn fusion dot": {"xla_cpu_experimental_ynn_fusion_type": DOT},
     "xnn graph greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
     "fast math": {"xla_cpu_enable_fast_math": True},
+    # LLVM's optimisation level for XLA's generated code (default 3): compile time against speed
+    "llvm O2": {"xla_backend_optimization_level": 2},
+    "llvm O1": {"xla_backend_optimization_level": 1},
 }
 
 
 def compile_all(
-    fn: Any, args: tuple[Any, ...], names: list[str], donate: bool = False
+    fn: Any, args: tuple[Any, ...], names: list[str], donate: bool = False, what: str = ""
 ) -> tuple[dict[str, Any], dict[str, str]]:
     jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
     lowered = jitted.lower(*args)
+    return compile_lowered(lowered, names, what)
+
+
+COMPILE_SECONDS: dict[str, dict[str, float]] = {}  # what -> option set -> seconds, for the report
+INIT_MAX_ABS_DIFF: dict[str, float] = {}  # option set -> max |initial parameters - default's|
+
+
+def compile_lowered(lowered: Any, names: list[str], what: str = "") -> tuple[dict[str, Any], dict[str, str]]:
     compiled, errors = {}, {}
     for name in names:
         try:
+            t0 = time.perf_counter()
             compiled[name] = lowered.compile(OPTION_SETS[name])
+            COMPILE_SECONDS.setdefault(what, {})[name] = time.perf_counter() - t0
         except Exception as e:  # an option this jaxlib does not know, or cannot apply
             errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
     return compiled, errors
@@ -72,7 +86,8 @@ def bench_matmul(n: int, dtype: Any, acc: Any, names: list[str], steps: int) -> 
     a, b = (
         jax.random.normal(k, (n, n), jnp.float32).astype(dtype) for k in jax.random.split(jax.random.key(0))
     )
-    compiled, errors = compile_all(lambda a, b: jnp.matmul(a, b, preferred_element_type=acc), (a, b), names)
+    compiled, errors = compile_all(lambda a, b: jnp.matmul(a, b, preferred_element_type=acc), (a, b), names,
+                                   what=f"matmul {n} {jnp.dtype(dtype).name}")
     reference = np.asarray(compiled["default"](a, b), np.float32)
     diffs = {k: float(np.abs(np.asarray(f(a, b), np.float32) - reference).max()) for k, f in compiled.items()}
     loads: dict[str, Any] = {}
@@ -87,10 +102,19 @@ def bench_model(spec: str, batch: int, names: list[str], steps: int) -> dict[str
     cfg = preset(name, **({"image_size": int(image)} if image else {}))
     tcfg = TrainConfig(model=cfg, batch_size=batch, progress=False)
     graphdef, tx, state, _ = init_state(tcfg)
+    # the parameter initialisation: compile time, and the parameters must be bit-identical
+    inits, _ = compile_lowered(jax.jit(lambda: split_params(init_model(cfg, seed=0))[1]).lower(), names,
+                               f"{spec} init")
+    ref = jax.tree.leaves(inits["default"]())
+    for k, f in inits.items():
+        leaves = zip(jax.tree.leaves(f()), ref, strict=True)
+        diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in leaves]
+        INIT_MAX_ABS_DIFF[k] = float(max(diffs))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, cfg.image_size, cfg.image_size, cfg.in_channels), np.float32))
     y = jnp.asarray(rng.integers(0, cfg.num_classes, batch, dtype=np.int32))
-    fwd, fwd_err = compile_all(lambda p, x: apply(graphdef, p, x)[0], (state["params"], x), names)
+    fwd, fwd_err = compile_all(lambda p, x: apply(graphdef, p, x)[0], (state["params"], x), names,
+                               what=f"{spec} b{batch} forward")
     ref = np.asarray(fwd["default"](state["params"], x))
     fwd_diff = {k: float(np.abs(np.asarray(f(state["params"], x)) - ref).max()) for k, f in fwd.items()}
     fwd_loads: dict[str, Any] = {}
@@ -101,12 +125,7 @@ def bench_model(spec: str, batch: int, names: list[str], steps: int) -> dict[str
 
     step_fn = make_train_step(graphdef, tx, tcfg)  # a jax.jit with the state donated
     lowered = step_fn.lower(state, {"image": x, "label": y})
-    steps_compiled, step_err = {}, {}
-    for k in names:
-        try:
-            steps_compiled[k] = lowered.compile(OPTION_SETS[k])
-        except Exception as e:
-            step_err[k] = f"{type(e).__name__}: {str(e)[:200]}"
+    steps_compiled, step_err = compile_lowered(lowered, names, f"{spec} b{batch} train_step")
     states = {k: jax.tree.map(jnp.copy, state) for k in steps_compiled}
     losses: dict[str, float] = {}
 
@@ -225,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             "hardware": hw,
             "option_sets": {k: OPTION_SETS[k] for k in names},
             "results": results,
+            "compile_seconds": COMPILE_SECONDS,
+            "init_max_abs_diff": INIT_MAX_ABS_DIFF,
             "loadavg_at_end": loadavg(),
             "valid": all(v["valid"] for res in results.values() for v in res["loads"].values()),
         },
@@ -237,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
             ["what", "options", "ms (median)", "TFLOP/s", "vs default", "max |diff| / loss"], table
         )
     )
+    print(f"\ninitial parameters, max |diff| from the default's: {INIT_MAX_ABS_DIFF}")
+    print("\ncompile seconds\n" + markdown_table(
+        ["what", *names], [[what, *(f"{secs[n]:.2f}" if n in secs else "" for n in names)]
+                           for what, secs in COMPILE_SECONDS.items()]))
     print(f"JSON: {args.out}")
 
 

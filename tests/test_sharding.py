@@ -102,6 +102,11 @@ def test_state_is_created_sharded_as_the_rules_say():
     moments = state["opt_state"][2].ema["encoder"]["in_kernel"]  # EMA shares the kernel's layout
     assert moments.sharding.spec == P(None, None, "model", None)
     assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    # the values are the eager model's (op by op, so up to an ulp of fusion): the initialiser
+    # compiles at LLVM -O1 on CPU, which must not change what it computes
+    _, eager = split_params(init_model(CFG, seed=cfg.seed))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12),
+                 jax.device_get(state["params"]), jax.device_get(eager))
 
 
 def _loss_and_grads(mesh_spec: str | None, cfg: ModelConfig) -> tuple[float, dict]:

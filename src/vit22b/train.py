@@ -170,7 +170,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = F
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     with jax.set_mesh(mesh):
-        init_fn = jax.jit(init, out_shardings=shardings)
+        init_fn = jax.jit(init, out_shardings=shardings, compiler_options=init_compiler_options(mesh))
         if abstract:
             state = jax.eval_shape(init_fn)
         elif cfg.init_from:
@@ -181,6 +181,13 @@ def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = F
         else:
             state = init_fn()
     return graphdef, tx, state, shardings
+
+
+def init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """XLA's CPU backend spends 10-15 s in LLVM -O3 on the initialiser's random-number code, for
+    any model size; at -O1 it compiles 4x faster and gives bit-identical parameters (measured:
+    `bench/xla_cpu_flags.py`, row "init"). The initialiser runs once, so its own speed is moot."""
+    return {"xla_backend_optimization_level": 1} if mesh.devices.flat[0].platform == "cpu" else None
 
 
 HEAD = ("head_kernel", "head_bias")
