@@ -208,7 +208,8 @@ def train_step_runner(cfg: Any, batch: int, seed: int = 0) -> tuple[Callable[[],
     - aliased), a per-config figure that the process's peak RSS cannot give."""
     import numpy as np
 
-    from vit22b.train import TrainConfig, init_state, make_train_step
+    from vit22b.train import TrainConfig, make_train_step
+    from vit22b.train_state import init_state
 
     tcfg = TrainConfig(model=cfg, batch_size=batch, progress=False)
     graphdef, tx, state, _ = init_state(tcfg)

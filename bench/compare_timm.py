@@ -56,7 +56,8 @@ from vit22b.config import ModelConfig, preset
 from vit22b.flops import flops_per_image
 from vit22b.model import apply
 from vit22b.optim import OptimConfig
-from vit22b.train import TrainConfig, init_state, make_train_step
+from vit22b.train import TrainConfig, make_train_step
+from vit22b.train_state import init_state
 
 try:
     import timm

@@ -8,7 +8,7 @@
 (the paper's chip count is unknown) against the paper's 54.9% MFU and 1.15k tokens/s per chip,
 and for H100/H200 at 64, 256 and 1024 GPUs, into bench/results/plan_searches.json.
 
-For each configuration the trainer's sharded step (`train.state_shardings` + `make_train_step`,
+For each configuration the trainer's sharded step (`train_state.state_shardings` + `make_train_step`,
 state donated, batch sharded over data) is lowered with `jax.ShapeDtypeStruct` inputs on a
 simulated CPU mesh and compiled; nothing is allocated, so the full 22B/14 preset fits. Compared
 per device: XLA's argument bytes (params + optimizer state + batch) with the planner's
@@ -36,7 +36,8 @@ from vit22b.compiled_step import step_memory  # noqa: E402
 from vit22b.config import preset  # noqa: E402
 from vit22b.flops import flops_per_image  # noqa: E402
 from vit22b.optim import OptimConfig  # noqa: E402
-from vit22b.plan import HARDWARE, GiB, format_search, memory, search  # noqa: E402
+from vit22b.plan import HARDWARE, GiB, memory, search  # noqa: E402
+from vit22b.plan_cli import format_search  # noqa: E402
 from vit22b.sharding import make_mesh  # noqa: E402
 from vit22b.train import TrainConfig  # noqa: E402
 

@@ -47,7 +47,8 @@ from common import (
 )
 from vit22b.config import ModelConfig, preset
 from vit22b.flops import flops_per_image
-from vit22b.train import TrainConfig, init_state, make_train_step
+from vit22b.train import TrainConfig, make_train_step
+from vit22b.train_state import init_state
 
 COMPILE_PRESETS = ["mu/16", "Ti/16", "S/16", "B/16", "L/14", "H/14", "g/14", "G/14", "e/14", "22B/14"]
 

@@ -35,7 +35,8 @@ from vit22b.config import ConfigError, ModelConfig, preset
 from vit22b.flops import flops_per_image
 from vit22b.optim import OptimConfig
 from vit22b.sharding import check_divisibility, make_mesh
-from vit22b.train import TrainConfig, init_state, make_train_step, to_global
+from vit22b.train import TrainConfig, make_train_step, to_global
+from vit22b.train_state import init_state
 
 
 def model_config(spec: str, dtype: str, remat: str = "nothing_saveable", attention: str = "auto"

@@ -40,7 +40,8 @@ from common import (
 from vit22b.config import preset
 from vit22b.flops import flops_per_image
 from vit22b.model import apply, init_model, split_params
-from vit22b.train import TrainConfig, init_state, make_train_step
+from vit22b.train import TrainConfig, make_train_step
+from vit22b.train_state import init_state
 
 DOT = "LIBRARY_FUSION_TYPE_DOT"
 OPTION_SETS: dict[str, dict[str, Any]] = {

@@ -15,7 +15,8 @@ from vit22b.data import ImageDataset, Split, load_digits_dataset
 from vit22b.posemb import resample_posemb
 from vit22b.tasks import finetune as ft
 from vit22b.tasks.common import TaskError
-from vit22b.train import TrainConfig, init_state, train
+from vit22b.train import TrainConfig, train
+from vit22b.train_state import init_state
 from vit22b.weights import flatten, save_model
 
 # One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).

@@ -21,7 +21,8 @@ from vit22b.objectives import classification_loss
 from vit22b.optim import OptimConfig
 from vit22b.sharding import make_mesh, param_spec
 from vit22b.tasks import distill, fewshot, finetune, lit, probe
-from vit22b.train import TrainConfig, init_state, make_train_step, to_global
+from vit22b.train import TrainConfig, make_train_step, to_global
+from vit22b.train_state import init_state
 from vit22b.weights import flatten
 
 # One worker builds this module's trained fixture once (pytest-xdist --dist loadgroup).
@@ -150,7 +151,7 @@ def test_initial_params_are_the_imported_weights_in_their_shards(imported):
     """`train --init`: the file's weights, posemb resampled to a new grid, a new zero head for new
     classes, each kernel built directly in its shards of a 4x2 mesh."""
     from vit22b.posemb import resample_posemb
-    from vit22b.train import initial_params, state_shardings
+    from vit22b.train_state import initial_params, state_shardings
     from vit22b.weights import read_config, read_weights
 
     cfg = read_config(imported).replace(image_size=48, num_classes=3, dtype_mm="float32")  # grid 4 -> 6

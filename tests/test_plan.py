@@ -19,7 +19,6 @@ from vit22b.plan import (
     HARDWARE,
     HEADROOM,
     GiB,
-    add_plan_parser,
     auto_remat,
     device_memory_bytes,
     memory,
@@ -27,8 +26,10 @@ from vit22b.plan import (
     search,
     state_layout,
 )
+from vit22b.plan_cli import add_plan_parser
 from vit22b.sharding import make_mesh
-from vit22b.train import TrainConfig, init_state
+from vit22b.train import TrainConfig
+from vit22b.train_state import init_state
 
 # depth 2 makes the fused in-kernel (8 MB) exceed the 4 MiB FSDP threshold, so both the model and
 # the data axis shard it; the out-kernel (6 MB) too; the head and norms stay replicated.

@@ -20,7 +20,8 @@ from vit22b.model import abstract_model, apply, init_model, logical_axes, split_
 from vit22b.objectives import classification_loss
 from vit22b.optim import OptimConfig
 from vit22b.sharding import RULES, ShardingRules, check_divisibility, make_mesh, param_spec, parse_mesh
-from vit22b.train import TrainConfig, init_state, make_train_step, to_global
+from vit22b.train import TrainConfig, make_train_step, to_global
+from vit22b.train_state import init_state
 from vit22b.weights import flatten
 
 # 8 heads and width/MLP divisible by 8, so every mesh below can shard the model axis.

@@ -17,7 +17,8 @@ from vit22b.config import preset
 from vit22b.data import load_digits_dataset
 from vit22b.optim import OptimConfig
 from vit22b.sharding import make_mesh
-from vit22b.train import TrainConfig, TrainingError, init_state, make_train_step, train
+from vit22b.train import TrainConfig, TrainingError, make_train_step, train
+from vit22b.train_state import init_state
 
 TINY = dict(image_size=8, in_channels=1, num_classes=10)
 

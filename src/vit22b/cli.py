@@ -24,7 +24,7 @@ from vit22b.cli_args import (
 )
 from vit22b.config import ConfigError, preset
 from vit22b.convert_cli import add_parsers as add_convert_parsers
-from vit22b.plan import add_plan_parser
+from vit22b.plan_cli import add_plan_parser
 from vit22b.recipes import effective_default
 
 # Flags whose default is the data set's recipe: (flag, Recipe field, type, choices, what it sets).

@@ -1,6 +1,6 @@
 """XLA's own memory accounting of the real train step, without allocating anything.
 
-The trainer's sharded step (`train.state_shardings` + `make_train_step`, state donated, batch
+The trainer's sharded step (`train_state.state_shardings` + `make_train_step`, state donated, batch
 sharded over data; with a teacher, the distillation objective and the teacher's params as a frozen
 sharded input) is lowered with `jax.ShapeDtypeStruct` inputs and compiled, so even the full 22B/14
 preset "fits" on a laptop's simulated devices. `vit22b plan`'s memory model is checked against it
@@ -19,7 +19,8 @@ from vit22b.config import ModelConfig
 from vit22b.model import abstract_model, split_params
 from vit22b.objectives import abstract_teacher, distill_objective
 from vit22b.sharding import batch_sharding
-from vit22b.train import TrainConfig, make_train_step, state_shardings
+from vit22b.train import TrainConfig, make_train_step
+from vit22b.train_state import state_shardings
 
 
 def step_memory(cfg: TrainConfig, mesh: Mesh, teacher: ModelConfig | None = None) -> dict[str, int]:

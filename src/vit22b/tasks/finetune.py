@@ -2,7 +2,7 @@
 
 Fine-tuning is `vit22b train` with another config (big_vision's transfer pattern: the same train
 loop): started from the checkpoint without its head (a new zero-initialised head of the new class
-count; a learned position embedding resampled in 2-D to the new grid; train.initial_params), with
+count; a learned position embedding resampled in 2-D to the new grid; train_state.initial_params), with
 softmax cross-entropy and the transfer optimiser of big_vision `configs/transfer.py` (SGD with
 momentum 0.9, or adafactor/adamw; cosine schedule with linear warm-up, global-norm clip 1.0, no
 weight decay). So it runs on any `--mesh`, multi-host, with `--collective-matmul`, writes orbax
