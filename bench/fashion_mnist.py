@@ -32,6 +32,11 @@ REFERENCE = {"human": 0.835, "MLP": 0.883, "2 conv + pooling": 0.916, "HOG + SVM
              "ResNet18": 0.949, "WRN-28-10": 0.959}
 
 
+def cores_used() -> int:
+    """`taskset -c 0 python bench/fashion_mnist.py ...` trains on one core: the figures say so."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dict:
     final, loads = workdir / "final.json", workdir / "bench_load.json"
     if not final.exists():
@@ -40,7 +45,8 @@ def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dic
                "--workdir", str(workdir), "--eval-every", str(eval_every), "--no-progress", *extra]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        loads.write_text(json.dumps({"load_before": before, "load_after": loadavg()}))
+        loads.write_text(json.dumps({"load_before": before, "load_after": loadavg(),
+                                     "cores_used": cores_used()}))
     # a reused run reports the load of the run itself, not of now (None where it was not recorded)
     recorded = json.loads(loads.read_text()) if loads.exists() else {}
     before, after = recorded.get("load_before"), recorded.get("load_after")
@@ -51,8 +57,8 @@ def run_seed(seed: int, workdir: Path, eval_every: int, extra: list[str]) -> dic
         if "eval/accuracy" in record:
             curve.append((record.get("eval/train_seconds"), record["step"], record["eval/accuracy"]))
     cores = os.cpu_count() or 1
-    # `taskset -c 0 python bench/fashion_mnist.py ...` trains on one core: the figures say so
-    used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    # recorded by the run; a run from before that record: this process's (the same command reused)
+    used = recorded.get("cores_used") or cores_used()
     return {"cores_used": used, "seed": seed, "workdir": str(workdir),
             "test_accuracy": result["eval_accuracy"],
             "seconds": result["seconds"], "steps": result["steps"], "curve": curve,

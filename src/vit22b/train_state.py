@@ -85,8 +85,8 @@ def init_state(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = F
 
 
 def init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    """XLA's CPU backend spends 10-15 s in LLVM -O3 on the initialiser's random-number code, for
-    any model size; at -O1 it compiles 4x faster and gives bit-identical parameters (measured:
+    """XLA's CPU backend spends 9-18 s in LLVM -O3 on the initialiser's random-number code, for
+    any model size; at -O1 it compiles about 4x faster and gives bit-identical parameters (measured:
     `bench/xla_cpu_flags.py`, row "init"). The initialiser runs once, so its own speed is moot."""
     return {"xla_backend_optimization_level": 1} if mesh.devices.flat[0].platform == "cpu" else None
 
