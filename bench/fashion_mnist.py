@@ -87,7 +87,7 @@ def plot(runs: list[dict], path: Path, earlier: dict | None = None) -> None:
     for name, acc in REFERENCE.items():
         ax.axhline(100 * acc, color="grey", lw=0.7, ls="--")
         ax.text(ax.get_xlim()[1], 100 * acc, f" {name}", va="center", fontsize=7, color="grey")
-    used = sorted({r.get("cores_used", 2) for r in runs})
+    used = sorted({r["cores_used"] for r in runs})
     cores = "/".join(map(str, used)) + (" CPU core" if used == [1] else " CPU cores")
     ax.set(xlabel=f"training wall time (minutes, {cores})", ylabel="test accuracy (%)",
            title="vit22b train --data fashion-mnist", ylim=(60, 100))
