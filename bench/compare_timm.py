@@ -16,6 +16,10 @@ modes are timed round-robin (`common.time_interleaved`): a noisy neighbour slows
 ratio vit22b-best / timm-best is measured side by side. Modes:
   timm:   eager f32, torch.compile f32, eager bf16 autocast, torch.compile + bf16 autocast
   vit22b: f32 matmuls, bf16-input/f32-accumulate matmuls (default); train also without remat
+  plain:  (only when named in --modes) plain_vit.py, the same function hand-written in jnp, and
+          one execution factor at a time from it towards vit22b's defaults (kernel layout, scan,
+          remat); its logits are checked against vit22b's before timing. It shows what a plain
+          JAX model reaches on the machine, and which of vit22b's choices costs what.
 kinds: `train` = forward + backward + AdamW update (lr 1e-4, wd 1e-4, clip 1.0, softmax CE, the
 same in both), `infer` = forward only (logits). img/s from the median step. Achieved TFLOP/s uses
 vit22b's analytic FLOPs (`flops.py`, 3x forward for train), the same count for both libraries;
@@ -36,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from common import (
     Row,
@@ -52,6 +57,7 @@ from common import (
     time_interleaved,
     write_json,
 )
+from plain_vit import Plain, forward, plain_params, train_step
 from vit22b.config import ModelConfig, preset
 from vit22b.flops import flops_per_image
 from vit22b.model import apply
@@ -76,8 +82,18 @@ OURS = {
     "vit22b bf16 act-bf16": {"dtype_mm": "bfloat16", "dtype_act": "bfloat16"},
     # the execution defaults before the split out-projection and heads-major attention
     "vit22b f32 fused-out dpa": {"dtype_mm": "float32", "out_projection": "fused", "attention": "xla"},
+    "vit22b f32 unrolled no-remat": {"dtype_mm": "float32", "scan": False, "remat": "none"},
     "vit22b bf16 fused-out dpa": {"dtype_mm": "bfloat16", "out_projection": "fused", "attention": "xla"},
 }
+# The plain hand-written JAX model (plain_vit.py), and then one execution factor at a time on the
+# way to vit22b's own defaults (heads layout, scan, remat auto = dots_saveable on CPU).
+PLAIN = {
+    "plain f32": Plain(layout="contiguous", loop="unrolled", remat="none"),
+    "plain f32 heads-layout": Plain(layout="heads", loop="unrolled", remat="none"),
+    "plain f32 heads-layout scan": Plain(layout="heads", loop="scan", remat="none"),
+    "plain f32 heads-layout scan dots": Plain(layout="heads", loop="scan", remat="dots_saveable"),
+}
+REMAT_ONLY = ("vit22b bf16 no-remat", "plain f32 heads-layout scan dots")  # differ only in training
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
 DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)
 
@@ -190,6 +206,34 @@ def vit22b_runner(cfg: ModelConfig, kind: str, images: np.ndarray, labels: np.nd
     return train
 
 
+def plain_runner(cfg: ModelConfig, plain: Plain, kind: str, images: np.ndarray, labels: np.ndarray,
+                 check: dict[str, float]):
+    """plain_vit's model on vit22b's initial parameters (the head made non-zero), after checking
+    that its logits equal vit22b's in f32 (max |difference| / max |logit| into `check`)."""
+    from vit22b.model import init_model, split_params
+
+    graphdef, params = split_params(init_model(cfg))
+    params["head_kernel"] = 0.02 * jax.random.normal(jax.random.key(1), params["head_kernel"].shape)
+    flat = plain_params(cfg, params, plain)
+    x, y = jnp.asarray(images), jnp.asarray(labels)
+    ref = np.asarray(apply(graphdef, params, x[:2])[0])
+    got = np.asarray(jax.jit(partial(forward, cfg, plain))(flat, x[:2]))
+    check["max_rel_logit_diff_vs_vit22b"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    if kind == "infer":
+        fwd = jax.jit(partial(forward, cfg, plain))
+        return lambda: fwd(flat, x).block_until_ready()
+    tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
+    step = train_step(cfg, plain, tx)
+    holder = {"state": (flat, tx.init(flat))}
+
+    def train() -> None:
+        params, opt_state, loss = step(*holder["state"], x, y)
+        holder["state"] = (params, opt_state)
+        jax.block_until_ready(loss)
+
+    return train
+
+
 def interleaved_peaks(sizes: list[int], repeats: int, torch_bf16: bool = True) -> dict[str, Any]:
     """The matmul peaks of both libraries timed round-robin in one loop, like the models: jax
     bf16->f32 and f32, torch bf16 (if `torch_bf16`, see torch_peak) and f32, best size each; with
@@ -251,18 +295,23 @@ def bench_one(
         torch.manual_seed(0)
         head["max_rel_logit_diff_f32"] = check_same_function(cfg, timm_model(cfg), images[:2])
         print(f"    same function: max |timm - vit22b| / max |logit| = {head['max_rel_logit_diff_f32']:.1e}")
-    runners, setup_s, errors = {}, {}, {}
+    runners, setup_s, errors, checks = {}, {}, {}, {}
     for mode in modes:
-        if kind == "infer" and "no-remat" in mode:
+        if kind == "infer" and mode in REMAT_ONLY:
             continue  # remat only matters for the backward pass
         t0 = time.perf_counter()
         try:
             torch.manual_seed(0)
-            run = (
-                timm_runner(cfg, mode, kind, images, labels)
-                if mode.startswith("timm")
-                else vit22b_runner(cfg.replace(**OURS[mode]), kind, images, labels)
-            )
+            if mode.startswith("timm"):
+                run = timm_runner(cfg, mode, kind, images, labels)
+            elif mode.startswith("plain"):
+                checks[mode] = {}
+                run = plain_runner(cfg.replace(dtype_mm="float32"), PLAIN[mode], kind, images, labels,
+                                   checks[mode])
+                print(f"    {mode}: same function as vit22b, max |difference| / max |logit| = "
+                      f"{checks[mode]['max_rel_logit_diff_vs_vit22b']:.1e}")
+            else:
+                run = vit22b_runner(cfg.replace(**OURS[mode]), kind, images, labels)
             for _ in range(warmup):  # the first call compiles (jit / torch.compile)
                 run()
             runners[mode] = run
@@ -286,6 +335,7 @@ def bench_one(
                 "img_per_s": batch / median,
                 "tflops": flops / median / 1e12,
                 "setup_and_warmup_s": setup_s[mode],
+                **checks.get(mode, {}),
                 **loads[mode],
             }
         )
@@ -301,21 +351,23 @@ def summarise(rows: list[Row]) -> list[Row]:
         group = [r for r in rows if (r["preset"], r["batch"], r["kind"]) == key and "img_per_s" in r]
         best = {
             lib: max((r for r in group if r["library"] == lib), key=lambda r: r["img_per_s"], default=None)
-            for lib in ("timm", "vit22b")
+            for lib in ("timm", "vit22b", "plain")
         }
         if best["timm"] and best["vit22b"]:
-            out.append(
-                {
-                    "preset": key[0],
-                    "batch": key[1],
-                    "kind": key[2],
-                    "timm_best": best["timm"]["mode"],
-                    "timm_img_per_s": best["timm"]["img_per_s"],
-                    "vit22b_best": best["vit22b"]["mode"],
-                    "vit22b_img_per_s": best["vit22b"]["img_per_s"],
-                    "ratio": best["vit22b"]["img_per_s"] / best["timm"]["img_per_s"],
-                }
-            )
+            row = {
+                "preset": key[0],
+                "batch": key[1],
+                "kind": key[2],
+                "timm_best": best["timm"]["mode"],
+                "timm_img_per_s": best["timm"]["img_per_s"],
+                "vit22b_best": best["vit22b"]["mode"],
+                "vit22b_img_per_s": best["vit22b"]["img_per_s"],
+                "ratio": best["vit22b"]["img_per_s"] / best["timm"]["img_per_s"],
+            }
+            if best["plain"]:  # the hand-written JAX ceiling, as a share of timm's best
+                row.update(plain_best=best["plain"]["mode"], plain_img_per_s=best["plain"]["img_per_s"],
+                           plain_ratio=best["plain"]["img_per_s"] / best["timm"]["img_per_s"])
+            out.append(row)
     return out
 
 
@@ -325,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--kinds", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    ap.add_argument("--modes", nargs="+", default=[*TIMM_MODES, *OURS], choices=[*TIMM_MODES, *OURS])
+    ap.add_argument("--modes", nargs="+", default=[*TIMM_MODES, *OURS], choices=[*TIMM_MODES, *OURS, *PLAIN])
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per mode (the first compiles)")
     ap.add_argument("--steps", type=int, default=5, help="timed calls per mode, round-robin")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
@@ -388,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
                     if "tflops" in r:
                         r["mfu_vs_best_peak"] = r["tflops"] / best_peak()
                         print(
-                            f"    {r['mode']:22s} {r['step_ms_median']:9.1f} ms  {r['img_per_s']:7.2f} img/s"
+                            f"    {r['mode']:34s} {r['step_ms_median']:9.1f} ms  {r['img_per_s']:7.2f} img/s"
                             f"  {r['tflops']:.3f} TFLOP/s",
                             flush=True,
                         )
@@ -429,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "\n"
         + markdown_table(
-            ["preset", "batch", "kind", "timm best", "img/s", "vit22b best", "img/s", "vit22b / timm"],
+            ["preset", "batch", "kind", "timm best", "img/s", "vit22b best", "img/s", "vit22b / timm",
+             "plain JAX best", "img/s", "plain / timm"],
             [
                 [
                     s["preset"],
@@ -440,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
                     s["vit22b_best"],
                     f"{s['vit22b_img_per_s']:.2f}",
                     f"{s['ratio']:.2f}x",
+                    s.get("plain_best", "-"),
+                    f"{s['plain_img_per_s']:.2f}" if "plain_best" in s else "-",
+                    f"{s['plain_ratio']:.2f}x" if "plain_best" in s else "-",
                 ]
                 for s in payload["summary"]
             ],

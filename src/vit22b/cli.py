@@ -105,7 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                            **run_fields(args))
     model_cfg = cfg.model
     print(f"training {args.init or args.preset or recipe.preset} ({model_cfg.width}w x {model_cfg.depth}d, "
-          f"{model_cfg.image_size}px, patch {model_cfg.patch_size}) on {dataset.name}: "
+          f"{model_cfg.image_size}px, patch {model_cfg.patch_size}"
+          + (f", {model_cfg.conv_stem_channels}-channel conv stem" if model_cfg.conv_stem_channels else "")
+          + f") on {dataset.name}: "
           f"{dataset.train_size} train / {dataset.val_size} held-out images, "
           f"{dataset.num_classes} classes -> {cfg.workdir}")
     result = train(cfg, dataset)
