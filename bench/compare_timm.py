@@ -92,8 +92,11 @@ PLAIN = {
     "plain f32 heads-layout": Plain(layout="heads", loop="unrolled", remat="none"),
     "plain f32 heads-layout scan": Plain(layout="heads", loop="scan", remat="none"),
     "plain f32 heads-layout scan dots": Plain(layout="heads", loop="scan", remat="dots_saveable"),
+    # vit22b's execution with timm's contiguous kernels: what the layout is worth under scan + remat
+    "plain f32 scan dots": Plain(layout="contiguous", loop="scan", remat="dots_saveable"),
 }
-REMAT_ONLY = ("vit22b bf16 no-remat", "plain f32 heads-layout scan dots")  # differ only in training
+# modes that differ from another only in remat: timed for training only
+REMAT_ONLY = ("vit22b bf16 no-remat", "plain f32 heads-layout scan dots", "plain f32 scan dots")
 LR, WD, CLIP = 1e-4, 1e-4, 1.0
 DEVICE = "cpu"  # torch's device; --device cuda on a GPU machine (JAX picks its default backend)
 
