@@ -97,7 +97,8 @@ class ModelConfig:
     # Channels of a 3x3 convolution (stride 1, GELU) applied to the pixels before the patch
     # embedding, which then patchifies its output; 0: the paper's plain patch embedding. After Xiao
     # et al. 2021 ("Early Convolutions Help Transformers See Better"); the token count and the
-    # encoder are unchanged. It did not help the Fashion-MNIST recipe (README: "Real data").
+    # encoder are unchanged. It did not help on Fashion-MNIST, in the recipe search or in a 2-hour run
+    # (README: "Real data").
     conv_stem_channels: int = 0
     # --- numerics and memory ----------------------------------------------------------------
     dtype_mm: str = "bfloat16"  # matmul inputs; accumulation is always float32
