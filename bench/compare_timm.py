@@ -219,11 +219,11 @@ def plain_runner(cfg: ModelConfig, plain: Plain, kind: str, images: np.ndarray, 
     params["head_kernel"] = 0.02 * jax.random.normal(jax.random.key(1), params["head_kernel"].shape)
     flat = plain_params(cfg, params, plain)
     x, y = jnp.asarray(images), jnp.asarray(labels)
+    fwd = jax.jit(partial(forward, cfg, plain))
     ref = np.asarray(apply(graphdef, params, x[:2])[0])
-    got = np.asarray(jax.jit(partial(forward, cfg, plain))(flat, x[:2]))
+    got = np.asarray(fwd(flat, x[:2]))
     check["max_rel_logit_diff_vs_vit22b"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     if kind == "infer":
-        fwd = jax.jit(partial(forward, cfg, plain))
         return lambda: fwd(flat, x).block_until_ready()
     tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
     step = train_step(cfg, plain, tx)
