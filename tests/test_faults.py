@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import FAST_COMPILE
+
 STEPS, CHECKPOINT_EVERY, EVAL_EVERY = 40, 5, 4  # eval every 4: the default for 40 steps
 SEED = 20261201
 STEP_LINE = re.compile(r"^step (\d+)/\d+: loss")
@@ -36,7 +38,7 @@ def _cmd(workdir: Path) -> list[str]:
             str(workdir)]
 
 
-ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1",
+ENV = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1",
        # Compile once: later runs load the executables (the same programs: the same bits), which
        # cuts each run from ~60 s to ~20 s on a loaded 2-core machine.
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

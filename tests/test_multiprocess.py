@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 COMMON = ["--preset", "mu/4", "--image-size", "8", "--steps", "6", "--batch-size", "16",
           "--mesh", "2x2", "--log-every", "1", "--checkpoint-every", "3", "--warmup", "2",
           "--cooldown", "2", "--no-progress"]
 
 
 def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 def _free_port() -> int:

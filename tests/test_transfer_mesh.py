@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import FAST_COMPILE
 from vit22b.config import preset
 from vit22b.model import init_model, split_params
 from vit22b.weights import save_model
@@ -29,7 +30,7 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+: loss")
 
 
 def _env(devices_flag: str, cache: Path) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": devices_flag, "PYTHONUNBUFFERED": "1",
+    return {**os.environ, "XLA_FLAGS": f"{devices_flag} {FAST_COMPILE}", "PYTHONUNBUFFERED": "1",
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
