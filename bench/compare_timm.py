@@ -84,6 +84,9 @@ OURS = {
     "vit22b f32 fused-out dpa": {"dtype_mm": "float32", "out_projection": "fused", "attention": "xla"},
     "vit22b f32 unrolled no-remat": {"dtype_mm": "float32", "scan": False, "remat": "none"},
     "vit22b bf16 fused-out dpa": {"dtype_mm": "bfloat16", "out_projection": "fused", "attention": "xla"},
+    # the kernels multiplied as stored (per head), as before fused_layout="auto" (contiguous here)
+    "vit22b f32 per-head": {"dtype_mm": "float32", "fused_layout": "per_head"},
+    "vit22b bf16 per-head": {"dtype_mm": "bfloat16", "fused_layout": "per_head"},
 }
 # The plain hand-written JAX model (plain_vit.py), and then one execution factor at a time on the
 # way to vit22b's own defaults (heads layout, scan, remat auto = dots_saveable on CPU).

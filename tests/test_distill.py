@@ -96,16 +96,19 @@ def test_distilled_student_beats_label_training(teacher, digits16):
     path, teacher_acc = teacher
     assert teacher_acc > 0.85
     data = few_shot(digits16, 5)
-    acc = {}
-    for label_weight in (0.0, 1.0):
-        r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32, eval_every=0,
-                       teacher_dtype="float32", checkpoint_every=150,
-                       label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
-                       seed=1, augment=False, progress=False, mesh="1x1",
-                       student_overrides={"dtype_mm": "float32"})
-        acc[label_weight] = r["student_val_accuracy"]
-    # measured ~0.67 vs ~0.51 (seeds 1 and 2 alike; one seed keeps the suite inside its budget)
-    assert acc[0.0] > acc[1.0] + 0.08, acc
+    acc = {0.0: [], 1.0: []}
+    for seed in (1, 2, 3):
+        for label_weight in (0.0, 1.0):
+            r = ds.distill(path, "mu/4", data, None, steps=150, batch_size=32, eval_every=0,
+                           teacher_dtype="float32", checkpoint_every=150,
+                           label_weight=label_weight, optim=transfer_optim("adamw", 1e-2, 10),
+                           seed=seed, augment=False, progress=False, mesh="1x1",
+                           student_overrides={"dtype_mm": "float32"})
+            acc[label_weight].append(r["student_val_accuracy"])
+    # One seed is too noisy for a margin: on 50 images the gain was 0.003-0.12 per seed (seeds
+    # 1-3, both kernel layouts, Sapphire Rapids; label training alone moved 0.53-0.59 between
+    # runs of one seed). Its mean over the three seeds was 0.058-0.065.
+    assert np.mean(acc[0.0]) > np.mean(acc[1.0]) + 0.03, acc
 
 
 def test_cli_subcommand(teacher, tmp_path, capsys):

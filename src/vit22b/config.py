@@ -42,8 +42,8 @@ Act = Literal["gelu", "quick_gelu"]
 
 # How a model runs, not what it is: every parameter's shape is the same whatever these say, so a
 # work dir may resume with another remat policy or with collective matmul on (workdir.py).
-EXECUTION_FIELDS = ("dtype_mm", "dtype_act", "attention", "attention_block", "out_projection", "scan",
-                    "remat", "collective_matmul")
+EXECUTION_FIELDS = ("dtype_mm", "dtype_act", "attention", "attention_block", "out_projection",
+                    "fused_layout", "scan", "remat", "collective_matmul")
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,12 @@ class ModelConfig:
     # attention +6-7% S/16 img/s on CPU, README "Performance"); "fused" is one matmul on the
     # concatenation, the paper's literal form. Same parameters; collective_matmul always fuses.
     out_projection: str = "split"
+    # How the parallel block multiplies its fused kernels (stored per head either way, encoder.py):
+    # "per_head" as stored ([D, H, 3hd + M/H]: each model device multiplies its own heads);
+    # "contiguous" regrouped q | k | v | mlp into one [D, 3D + M] matrix inside the step (timm's
+    # layout: larger, simpler matmuls; faster on CPU, README "Performance"); "auto": contiguous
+    # unless the mesh has a model axis, where the per-head layout is the paper's sharding.
+    fused_layout: str = "auto"
     scan: bool = True  # lax.scan over layers: compile time flat in depth
     # A jax.checkpoint_policies name, "none", or "auto": the trainer asks the planner for the
     # platform's fastest policy that fits the device (plan.auto_remat); outside the trainer (no
@@ -228,6 +234,8 @@ class ModelConfig:
              f"attention={self.attention!r}: use 'auto', 'xla', 'heads_major' or 'blockwise'")
         need(self.out_projection in ("split", "fused"),
              f"out_projection={self.out_projection!r}: use 'split' or 'fused'")
+        need(self.fused_layout in ("auto", "per_head", "contiguous"),
+             f"fused_layout={self.fused_layout!r}: use 'auto', 'per_head' or 'contiguous'")
         need(self.attention_block > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.dtype_act in ("bfloat16", "float32"),
              f"dtype_act={self.dtype_act!r}: use 'float32' or 'bfloat16'")

@@ -15,7 +15,9 @@ MLP-out projections into another. Here the fused in-kernel is stored as
 i.e. each head carries its q, k, v columns *and* an equal share of the MLP units. The order of
 MLP units is arbitrary (a permutation of hidden units is the same function), and this order makes
 "shard the heads axis over the model mesh axis" give each device its heads and 1/k of the MLP,
-which is exactly the paper's model-parallel split of both fused matmuls.
+which is exactly the paper's model-parallel split of both fused matmuls. Without a model axis
+the step may regroup the kernels into timm's contiguous q | k | v | mlp order and multiply that
+instead (`fused_layout`): the same function and the same stored parameters.
 """
 
 from __future__ import annotations
@@ -164,9 +166,23 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfi
 def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
                    attn_stats: bool = False) -> tuple[jax.Array, Any]:
     """y = x + MLP(N(x)) + Attn(N(x)) with one fused in- and one fused out-projection."""
-    dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
     h = normalize(x, p["norm_scale"], p.get("norm_bias"), cfg.norm, cfg.norm_eps)
-    collective = cfg.collective_matmul and _model_axis_size() > 1
+    model_axis = _model_axis_size()
+    collective = cfg.collective_matmul and model_axis > 1
+    contiguous = not collective and (cfg.fused_layout == "contiguous"
+                                     or (cfg.fused_layout == "auto" and model_axis <= 1))
+    project = _contiguous_projections if contiguous else _per_head_projections
+    y, stat = project(p, h, cfg, attn_stats, collective)
+    if "out_bias" in p:
+        y = y + p["out_bias"]
+    return x + y, stat
+
+
+def _per_head_projections(p: Params, h: jax.Array, cfg: ModelConfig, attn_stats: bool,
+                          collective: bool) -> tuple[jax.Array, Any]:
+    """The fused kernels multiplied as stored, per head: on a model axis each device multiplies
+    its own heads (and its 1/k of the MLP units) with no communication inside the block."""
+    dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
     if collective:  # ring all-gather of h overlapped with the matmul chunks (paper Fig. 3)
         fused = fused_in_projection(h, p["in_kernel"], None, dt)
     else:
@@ -186,9 +202,39 @@ def parallel_block(p: Params, x: jax.Array, cfg: ModelConfig,
     else:  # the same sum as two matmuls on the kernel's row blocks: no [B, N, H, F] concatenate
         w = p["out_kernel"]  # [H, hd + M/H, D]
         y = matmul("bnhf,hfd->bnd", attn, w[:, :hd], dt) + matmul("bnhf,hfd->bnd", m, w[:, hd:], dt)
-    if "out_bias" in p:
-        y = y + p["out_bias"]
-    return x + y, stat
+    return y, stat
+
+
+def _contiguous_projections(p: Params, h: jax.Array, cfg: ModelConfig, attn_stats: bool,
+                            collective: bool) -> tuple[jax.Array, Any]:
+    """The same function with the kernels regrouped q | k | v | mlp (timm's order) inside the
+    step: one [D, 3D + M] in-matmul and [D, D] / [M, D] out-matmuls, whose larger contiguous
+    operands XLA's CPU backend multiplies faster than the per-head [D, H, F] form. The regrouping
+    is a few copies of the kernels per step (their gradients flow back through it)."""
+    del collective  # never: the contiguous layout is for meshes without a model axis
+    dt, act, hd = jnp.dtype(cfg.dtype_mm), jnp.dtype(cfg.dtype_act), cfg.head_dim
+    B, N, D = h.shape
+    H, M = cfg.num_heads, cfg.mlp_dim
+    w_in = p["in_kernel"]  # [D, H, 3hd + M/H]
+    parts = jnp.split(w_in, [hd, 2 * hd, 3 * hd], axis=-1)  # q, k, v [D, H, hd]; mlp [D, H, M/H]
+    w_in = jnp.concatenate([w.reshape(D, -1) for w in parts], axis=-1)  # [D, 3D + M]
+    fused = matmul("bnd,df->bnf", h, w_in, dt)  # [B, N, 3D + M]
+    fused = constrain(fused.astype(act), ("batch", None, None))
+    q, k, v, m = jnp.split(fused, [D, 2 * D, 3 * D], axis=-1)
+    q, k, v = (t.reshape(B, N, H, hd) for t in (q, k, v))
+    attn, stat = _attend(p, q, k, v, cfg, attn_stats)  # [B, N, H, hd]
+    if cfg.mlp_bias:
+        m = m + p["mlp_in_bias"].reshape(M).astype(act)
+    m = mlp_act(m, cfg.act, cfg.gelu_approximate)  # [B, N, M]
+    w_out = p["out_kernel"]  # [H, hd + M/H, D]
+    w_attn, w_mlp = w_out[:, :hd].reshape(D, D), w_out[:, hd:].reshape(M, D)
+    attn = attn.reshape(B, N, D)
+    if cfg.out_projection == "fused":
+        z = jnp.concatenate([attn.astype(dt), m.astype(dt)], axis=-1)  # [B, N, D + M]
+        y = matmul("bnf,fd->bnd", z, jnp.concatenate([w_attn, w_mlp], axis=0), dt)
+    else:
+        y = matmul("bnf,fd->bnd", attn, w_attn, dt) + matmul("bnf,fd->bnd", m, w_mlp, dt)
+    return y, stat
 
 
 def sequential_block(p: Params, x: jax.Array, cfg: ModelConfig,
