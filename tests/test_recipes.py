@@ -58,3 +58,29 @@ def test_flag_help_shows_each_data_sets_default():
     assert effective_default("batch_size") == "all data: 128"
     assert effective_default("augment") == "fashion-mnist: none; else: crop_flip"
     assert effective_default("preset") == "digits: nano/4; fashion-mnist: nano/7; else: Ti/16"
+
+
+def test_platform_matmul_dtype_reads_the_cpu_flags(tmp_path):
+    """bfloat16 only where the CPU multiplies it natively (AVX-512 BF16 or AMX), else float32."""
+    from vit22b.recipes import platform_matmul_dtype
+
+    info = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu avx2 fma", "float32"), ("avx2 avx512f avx512bw", "float32"),
+                            ("avx2 avx512f avx512_bf16", "bfloat16"), ("avx2 amx_bf16 amx_tile", "bfloat16")):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert platform_matmul_dtype(info) == expected, flags
+    assert platform_matmul_dtype(tmp_path / "absent") == "float32"
+
+
+def test_fashion_recipe_takes_the_platform_matmul_dtype(monkeypatch):
+    """The Fashion-MNIST recipe's matmuls follow the platform; a --dtype-mm flag still wins."""
+    from types import SimpleNamespace
+
+    from vit22b import recipes
+
+    data = SimpleNamespace(image_size=28, in_channels=1, num_classes=10)
+    recipe = recipes.recipe_for("fashion-mnist")
+    for platform in ("bfloat16", "float32"):
+        monkeypatch.setattr(recipes, "platform_matmul_dtype", lambda p=platform: p)
+        assert recipes.model_config_for(recipe, data).dtype_mm == platform
+        assert recipes.model_config_for(recipe, data, dtype_mm="float16").dtype_mm == "float16"
