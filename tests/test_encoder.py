@@ -169,6 +169,21 @@ def loss_and_grad(cfg, params, images):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def assert_same_loss_and_grad(ref_cfg, cfg, params, images, grad_atol=1e-6):
+    """Two execution configs of one model: equal loss and gradients for the same parameters."""
+    ref_loss, ref_grad = loss_and_grad(ref_cfg, params, images)
+    loss, grad = loss_and_grad(cfg, params, images)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=grad_atol)
+
+
+def program_text(cfg, params, images) -> str:
+    """The StableHLO of cfg's forward pass (in the current mesh, if any)."""
+    graphdef, _ = split_params(abstract_model(cfg))
+    return jax.jit(lambda p, x: apply(graphdef, p, x)[0]).lower(params, images).as_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scan, policies", [(True, ("nothing_saveable", "dots_saveable")),
                                             (False, ("nothing_saveable",))])
@@ -176,12 +191,9 @@ def test_remat_policies_give_same_output_and_gradient(scan, policies, tiny2_cfg,
                                                       random_params):
     base_cfg = tiny2_cfg.replace(scan=scan, head="gap")  # remat is about the encoder
     params = random_params(base_cfg)
-    ref_loss, ref_grad = loss_and_grad(base_cfg.replace(remat="none"), params, images)
     for policy in policies:
-        loss, grad = loss_and_grad(base_cfg.replace(remat=policy), params, images)
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_loss_and_grad(base_cfg.replace(remat="none"), base_cfg.replace(remat=policy),
+                                  params, images, grad_atol=1e-5)
 
 
 def test_split_and_fused_out_projection_agree(tiny2_cfg, images, random_params):
@@ -189,15 +201,11 @@ def test_split_and_fused_out_projection_agree(tiny2_cfg, images, random_params):
     gradients, and its program has no concatenate of the [B, N, H, hd + M/H] matmul input."""
     cfg = tiny2_cfg.replace(head="gap", fused_layout="per_head")  # the [B, N, H, F] layout
     params = random_params(cfg)
-    ref_loss, ref_grad = loss_and_grad(cfg.replace(out_projection="fused"), params, images)
-    loss, grad = loss_and_grad(cfg.replace(out_projection="split"), params, images)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_grad(cfg.replace(out_projection="fused"), cfg.replace(out_projection="split"),
+                              params, images)
 
     def concatenates(out_projection: str) -> int:
-        graphdef, _ = split_params(abstract_model(cfg.replace(out_projection=out_projection)))
-        text = jax.jit(lambda p, x: apply(graphdef, p, x)[0]).lower(params, images).as_text()
+        text = program_text(cfg.replace(out_projection=out_projection), params, images)
         hd_plus = cfg.head_dim + cfg.mlp_dim // cfg.num_heads  # [2, 16, 2, 80]: B, N, H, hd + M/H
         return len(re.findall(rf"stablehlo\.concatenate.*-> tensor<2x16x2x{hd_plus}x", text))
 
@@ -213,14 +221,10 @@ def test_contiguous_fused_layout_is_the_same_function(out_projection, tiny2_cfg,
     kernels), MLP biases included; the program multiplies by one [D, 3D + M] in-kernel."""
     cfg = tiny2_cfg.replace(head="gap", out_projection=out_projection, mlp_bias=True, out_bias=True)
     params = random_params(cfg)
-    ref_loss, ref_grad = loss_and_grad(cfg.replace(fused_layout="per_head"), params, images)
-    loss, grad = loss_and_grad(cfg.replace(fused_layout="contiguous"), params, images)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_grad(cfg.replace(fused_layout="per_head"), cfg.replace(fused_layout="contiguous"),
+                              params, images)
     D, M = cfg.width, cfg.mlp_dim
-    graphdef, _ = split_params(abstract_model(cfg.replace(fused_layout="contiguous")))
-    text = jax.jit(lambda p, x: apply(graphdef, p, x)[0]).lower(params, images).as_text()
+    text = program_text(cfg.replace(fused_layout="contiguous"), params, images)
     assert re.search(rf"stablehlo\.dot_general.*tensor<{D}x{3 * D + M}xf32>", text)
 
 
@@ -231,16 +235,15 @@ def test_auto_fused_layout_follows_the_model_axis(tiny2_cfg, images, random_para
 
     cfg = tiny2_cfg.replace(head="gap")
     assert cfg.fused_layout == "auto"
-    graphdef, params = split_params(abstract_model(cfg))
+    params = random_params(cfg)
     D, M = cfg.width, cfg.mlp_dim
     contiguous_dot = rf"stablehlo\.dot_general.*tensor<{D}x{3 * D + M}xf32>"
 
     def program(mesh_spec: str | None) -> str:
-        fn = jax.jit(lambda p, x: apply(graphdef, p, x)[0])
         if mesh_spec is None:
-            return fn.lower(params, images).as_text()
+            return program_text(cfg, params, images)
         with jax.set_mesh(make_mesh(mesh_spec, jax.devices()[:2])):
-            return fn.lower(params, images).as_text()
+            return program_text(cfg, params, images)
 
     assert re.search(contiguous_dot, program(None))
     assert re.search(contiguous_dot, program("2x1"))
@@ -260,9 +263,7 @@ DOT_OPERANDS = re.compile(r"stablehlo\.dot_general.*:\s*\(tensor<(?:[0-9x]*x)?([
 
 
 def dot_operand_types(cfg: ModelConfig, params, images) -> list[tuple[str, str]]:
-    graphdef, _ = split_params(abstract_model(cfg))
-    text = jax.jit(lambda p, x: apply(graphdef, p, x)[0]).lower(params, images).as_text()
-    return DOT_OPERANDS.findall(text)
+    return DOT_OPERANDS.findall(program_text(cfg, params, images))
 
 
 def test_bfloat16_output_close_to_float32(tiny2_cfg, images, random_params, forward):
